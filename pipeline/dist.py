@@ -1,0 +1,52 @@
+"""Rank and launcher information, read from the environment (never from ``--local_rank``).
+
+``deepspeed``, ``torchrun`` and ``accelerate launch`` all export ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; plain ``python`` exports none, which means one process of rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not launched by a distributed launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """Rank of this process on its node."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes of the job (1 under plain ``python``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank0() -> bool:
+    """True on the one process that writes files and logs."""
+    return rank() == 0
+
+
+def launcher() -> str:
+    """Which launcher started this process: ``deepspeed``, ``accelerate``, ``torchrun`` or ``python``."""
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None or any(
+        k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_CPU" for k in os.environ
+    ):
+        return "accelerate"
+    if "TORCHELASTIC_RUN_ID" in os.environ and "CROSS_RANK" not in os.environ:
+        return "torchrun"
+    if "RANK" in os.environ and ("CROSS_RANK" in os.environ or "LOCAL_SIZE" in os.environ):
+        return "deepspeed"
+    if "RANK" in os.environ:
+        return "torchrun"
+    return "python"
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without an initialised process group).  Every rank must call it."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()

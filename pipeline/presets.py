@@ -1,0 +1,65 @@
+"""Named presets: one dictionary per preset, one section per stage, dotted keys as in the CLI.
+
+- ``tiny``: seconds per stage; for tests (a 2-layer LLaMA of width 64).
+- ``cpu``: the default of ``make all``; the whole pipeline in well under 20 minutes on 2 CPU cores
+  (a 4-layer LLaMA of width 256, about 4M parameters).
+- ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, about 110M parameters
+  with the 16k-token vocabulary; GPT-2's own 124M counts its 50k vocabulary).
+- ``350m``: 24 layers, width 1024 (about 360M parameters).
+
+Model sizes follow GPT-2's small/medium shapes (Radford et al., 2019) with LLaMA's SwiGLU MLP width
+of about 8/3·d rounded to a multiple of 256 (Touvron et al., 2023).
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "data": {"vocab_size": 512, "seq_len": 64, "val_fraction": 0.1},
+        "pretrain": {
+            "model": {"arch": "llama", "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 4, "d_ff": 192},
+            "micro_batch_size": 4, "grad_accum": 1, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5,
+            "eval_interval": 15, "save_interval": 15, "log_interval": 5, "precision": "fp32",
+        },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 4, "max_steps": 20, "lr": 1e-3, "warmup_steps": 2,
+                    "eval_interval": 10, "save_interval": 10, "log_interval": 5, "precision": "fp32"},
+        "eval": {"batch_sizes": [1, 4], "seq_lens": [64], "repeats": 3, "gen_tokens": 16},
+    },
+    "cpu": {
+        "data": {"vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05},
+        "pretrain": {
+            "model": {"arch": "llama", "n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 4, "d_ff": 768},
+            "micro_batch_size": 16, "grad_accum": 1, "max_steps": 600, "lr": 2e-3, "warmup_steps": 40,
+            "eval_interval": 200, "save_interval": 200, "log_interval": 20,
+        },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 16, "max_steps": 200, "lr": 5e-4, "warmup_steps": 20,
+                    "eval_interval": 100, "save_interval": 100, "log_interval": 20},
+        "eval": {"batch_sizes": [1, 8], "seq_lens": [128], "repeats": 5, "gen_tokens": 32},
+    },
+    "124m": {
+        "data": {"vocab_size": 16384, "seq_len": 1024, "val_fraction": 0.05},
+        "pretrain": {
+            "model": {"arch": "llama", "n_layer": 12, "d_model": 768, "n_head": 12, "n_kv_head": 12, "d_ff": 2048},
+            "micro_batch_size": 16, "grad_accum": 1, "max_steps": 300, "lr": 6e-4, "warmup_steps": 30,
+            "eval_interval": 100, "save_interval": 100, "log_interval": 10,
+        },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 16, "max_steps": 100, "lr": 2e-4, "warmup_steps": 10,
+                    "eval_interval": 50, "save_interval": 50, "log_interval": 10},
+        "eval": {"batch_sizes": [1, 16], "seq_lens": [1024], "repeats": 10, "gen_tokens": 64},
+    },
+    "350m": {
+        "data": {"vocab_size": 16384, "seq_len": 1024, "val_fraction": 0.05},
+        "pretrain": {
+            "model": {"arch": "llama", "n_layer": 24, "d_model": 1024, "n_head": 16, "n_kv_head": 16, "d_ff": 2816},
+            "micro_batch_size": 8, "grad_accum": 1, "max_steps": 300, "lr": 3e-4, "warmup_steps": 30,
+            "eval_interval": 100, "save_interval": 100, "log_interval": 10,
+        },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 8, "max_steps": 100, "lr": 1e-4, "warmup_steps": 10,
+                    "eval_interval": 50, "save_interval": 50, "log_interval": 10},
+        "eval": {"batch_sizes": [1, 8], "seq_lens": [1024], "repeats": 10, "gen_tokens": 64},
+    },
+}
