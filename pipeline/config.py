@@ -269,7 +269,7 @@ def parse_cli(cls: type, argv: list[str] | None, stage: str, validate: bool = Tr
             data.update(section)
         apply_values(cfg, _flatten(data), f"--config {config_file}", problems)
     apply_values(cfg, dict(overrides), "command line", problems)
-    if validate and not problems and hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):  # fields that failed to convert keep their defaults
         problems.extend(cfg.validate())
     if problems:
         raise ConfigError(problems)

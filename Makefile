@@ -1,0 +1,96 @@
+# Staged pipeline: each target is a stage's manifest.json, so `make` re-runs only stale stages.
+#   make all                      whole pipeline on the default corpus and the CPU preset
+#   make test                     the test suite
+#   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
+# Variables (override on the command line):
+RUN          ?= default
+PRESET       ?= cpu
+LAUNCHER     ?= python
+NGPU         ?= 1
+PRUNE_METHOD ?= magnitude
+SPARSITY     ?= 0.5
+DS_CONFIG    ?= ds_configs/zero2_fp16.json
+ACCEL_CONFIG ?= ds_configs/accelerate/zero2.yaml
+DATA         ?=
+ARGS         ?=
+TB_PORT      ?= 6006
+PYTEST_ARGS  ?=
+VENV         ?= .venv
+# PY=python3 uses an interpreter that already has the packages (e.g. a GPU image) and skips the set-up.
+PY           ?= $(VENV)/bin/python
+
+R := results/$(RUN)
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed,)
+# DeepSpeed picks its accelerator itself; without an NVIDIA driver use its CPU accelerator (gloo, bf16/fp32).
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# NVLink multicast stays off on shared multi-GPU hosts.
+export NCCL_NVLS_ENABLE ?= 0
+export PYTHONUNBUFFERED := 1
+
+ifeq ($(LAUNCHER),python)
+  LAUNCH := $(PY)
+else ifeq ($(LAUNCHER),deepspeed)
+  LAUNCH := $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --no_local_rank
+else ifeq ($(LAUNCHER),accelerate)
+  LAUNCH := $(PY) -m accelerate.commands.accelerate_cli launch --config_file $(ACCEL_CONFIG) --num_processes $(NGPU)
+else
+  $(error LAUNCHER must be python, deepspeed or accelerate, not '$(LAUNCHER)')
+endif
+
+COMMON := --run $(RUN) --preset $(PRESET)
+
+.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help
+.DELETE_ON_ERROR:
+
+all: report
+
+help:
+	@sed -n '1,20p' Makefile
+
+setup: $(SETUP)
+
+$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+	scripts/setup_env.sh $(VENV) 2>&1 | grep -v "is ignored: it is neither"; test -f $@
+
+data: $(R)/01_data/manifest.json
+pretrain: $(R)/02_pretrain/manifest.json
+prune: $(R)/03_prune/manifest.json
+distill: $(R)/04_distill/manifest.json
+eval: $(R)/05_eval/manifest.json
+report: $(R)/report.md
+
+$(R)/01_data/manifest.json: $(SETUP)
+	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(ARGS)
+
+$(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
+	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(ARGS)
+
+$(R)/03_prune/manifest.json: $(R)/02_pretrain/manifest.json
+	$(PY) scripts/prune.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(ARGS)
+
+$(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
+	$(LAUNCH) scripts/distill.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(ARGS)
+
+$(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
+	$(PY) scripts/evaluate.py $(COMMON) $(ARGS)
+
+$(R)/report.md: $(R)/05_eval/manifest.json
+	$(PY) scripts/report.py $(COMMON) $(ARGS)
+
+tensorboard: $(SETUP)
+	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)
+
+# Runs every test, the slow end-to-end one included; GPU tests skip without CUDA.
+# pytest's exit 5 ("no tests collected") is turned into a failure.
+test: $(SETUP)
+	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(SETUP)
+	$(PY) -m ruff check pipeline scripts tests
+
+bench: $(SETUP)
+	$(LAUNCH) scripts/bench_pretrain.py $(ARGS)
+
+clean-run:
+	rm -rf $(R)

@@ -1,0 +1,26 @@
+"""Entry-point glue shared by the stage scripts: parse, run, and turn expected errors into clean exits."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline import dist
+from pipeline.config import ConfigError, parse_cli
+from pipeline.manifest import StageError
+
+
+def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[str] | None = None) -> None:
+    """Parse ``argv`` into ``cfg_cls`` (preset section ``stage``), call ``main(cfg)``.
+
+    A :class:`ConfigError`, :class:`StageError` or other ``ValueError`` raised for bad input is printed as
+    ``error: ...`` (rank 0 only, no traceback) and exits with status 2.
+    """
+    try:
+        cfg = parse_cli(cfg_cls, argv, stage)
+        main(cfg)
+    except (ConfigError, StageError, ValueError) as e:
+        if dist.is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
