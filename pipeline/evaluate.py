@@ -1,0 +1,583 @@
+"""Stage 05: measure every model of a run on the same validation tokens and the same hardware.
+
+For each model found through the run's manifests (dense from ``02_pretrain``, pruned from ``03_prune``,
+distilled from ``04_distill``) the stage measures
+
+- quality: mean next-token cross-entropy on the stage-01 validation tokens and its perplexity
+  ``exp(loss)`` (always in fp32, so that CPU and GPU figures agree);
+- size: total and non-zero parameters (tied weights counted once), sparsity overall and over the
+  prunable linear weights, bytes of the exported safetensors, and the bytes a bitmask + values
+  encoding of the same weights would take;
+- speed: forward latency (median over ``repeats`` timed calls after ``warmup`` untimed ones) and
+  throughput in tokens/s for every (batch size, sequence length), and greedy generation tokens/s;
+  speed-up = dense latency / model latency, both measured in this run;
+- on CUDA: fp16 weights; latency eager and captured in a CUDA graph (removes per-call host overhead);
+  models whose prunable weights follow the 2:4 pattern also run with
+  ``torch.sparse.to_sparse_semi_structured`` weights, against the same model dense, per shape and per
+  linear-layer shape, so that the shapes where 2:4 loses are reported too.
+
+Timings use ``torch.cuda.Event`` on CUDA and ``time.perf_counter`` on CPU, under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import CommonConfig, ConfigError, doc
+from pipeline.manifest import StageError, require_stage, stage_dir
+
+#: evaluable stages, in pipeline order, and the name each model gets in tables and TensorBoard tags
+MODEL_STAGES = {"pretrain": "dense", "prune": "pruned", "distill": "distilled"}
+
+DEFAULT_PROMPT = "To be, or not to be, that is the question:"
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """Configuration of stage 05 (evaluation)."""
+
+    models: list[str] = doc(
+        "Stages whose models are evaluated, from pretrain, prune, distill; empty: every one that exists "
+        "(pretrain is always required: it is the dense baseline of every speed-up).",
+        default_factory=list,
+    )
+    batch_sizes: list[int] = doc("Batch sizes of the forward-latency measurements.", default_factory=lambda: [1, 8])
+    seq_lens: list[int] = doc("Sequence lengths (tokens) of the forward-latency measurements.",
+                              default_factory=lambda: [128])
+    repeats: int = doc("Timed calls per measurement; the median is reported.", 5)
+    warmup: int = doc("Untimed calls before each measurement (allocator, kernels selection, caches).", 2)
+    gen_tokens: int = doc("New tokens per greedy generation (model.generate, KV cache on).", 32)
+    gen_repeats: int = doc("Timed generations per model; the median is reported.", 3)
+    prompt: str = doc("Prompt of the generated sample and of the generation-speed measurement.", DEFAULT_PROMPT)
+    val_batch_size: int = doc("Sequences per forward pass of the validation-loss measurement.", 8)
+    max_val_tokens: int = doc("Validation tokens used for the loss (0: all of them).", 0)
+    device: Literal["auto", "cpu", "cuda"] = doc("Where to measure: auto is cuda when available, else cpu.", "auto")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = doc(
+        "Weight dtype of the speed measurements: auto is fp16 on CUDA and fp32 on CPU "
+        "(perplexity is always measured in fp32).", "auto")
+    sparse_24: bool = doc("On CUDA, also time 2:4 models with torch.sparse.to_sparse_semi_structured weights "
+                          "(ignored on CPU, where that kernel does not exist).", True)
+    cuda_graphs: bool = doc("On CUDA, also time forward passes captured in a CUDA graph.", True)
+    threads: int = doc("CPU threads for torch (0: torch's default).", 0)
+
+    def validate(self) -> list[str]:
+        """Every problem of the configuration, one string each (empty when valid)."""
+        problems = []
+        for m in self.models:
+            if m not in MODEL_STAGES:
+                problems.append(f"models: '{m}' is not a model stage; choose from {', '.join(MODEL_STAGES)}")
+        if self.models and "pretrain" not in self.models:
+            problems.append("models: must include 'pretrain' (the dense baseline of every comparison)")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            problems.append(f"batch_sizes: need one or more positive integers, got {self.batch_sizes}")
+        if not self.seq_lens or any(s < 1 for s in self.seq_lens):
+            problems.append(f"seq_lens: need one or more positive integers, got {self.seq_lens}")
+        for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "max_val_tokens", "threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        if not self.prompt.strip():
+            problems.append("prompt: must not be empty")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("device: cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        if self.dtype == "fp16" and self.resolved_device() == "cpu":
+            problems.append("dtype: fp16 matmuls on CPU are slow and not representative; use fp32 or bf16 on CPU")
+        return problems
+
+    def resolved_device(self) -> str:
+        """``cuda`` or ``cpu``, with ``auto`` resolved."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> torch.dtype:
+        """The weight dtype of the speed measurements, with ``auto`` resolved."""
+        if self.dtype == "auto":
+            return torch.float16 if self.resolved_device() == "cuda" else torch.float32
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# finding the models
+
+
+@dataclass
+class ModelEntry:
+    """One model to evaluate, as its stage's manifest describes it."""
+
+    name: str  # dense | pruned | distilled
+    stage: str  # pretrain | prune | distill
+    stage_dir: Path
+    model_dir: Path
+    manifest: dict
+    method: str | None  # prune method (magnitude | nm | structured) or None for the dense model
+    masks: Path | None  # masks.safetensors that the weights must respect, if any
+
+
+def find_models(run_dir: str | Path, models: list[str] | None = None) -> list[ModelEntry]:
+    """The models of a run, found only through their stages' manifests, in pipeline order.
+
+    Args:
+        run_dir: ``results/<run>``.
+        models: stages to evaluate; empty or ``None``: pretrain plus every other stage whose directory exists.
+
+    Raises:
+        StageError: pretrain missing or incomplete; a requested stage missing; a stage directory that
+            exists without a complete manifest (an interrupted run); a manifest naming a missing model
+            directory.  Each message names the ``make`` target that makes the stage.
+    """
+    run_dir = Path(run_dir)
+    wanted = list(models) if models else ["pretrain"] + [
+        s for s in ("prune", "distill") if stage_dir(run_dir, s).exists()
+    ]
+    manifests = {s: require_stage(run_dir, s) for s in wanted}
+    prune_manifest = manifests.get("prune")
+    if prune_manifest is None and stage_dir(run_dir, "prune").exists():
+        prune_manifest = require_stage(run_dir, "prune")
+    entries = []
+    for s in MODEL_STAGES:
+        if s not in manifests:
+            continue
+        man = manifests[s]
+        sdir = Path(man["_dir"])
+        out = man.get("outputs", {})
+        if "model_dir" not in out:
+            raise StageError(f"{sdir}/manifest.json lists no outputs.model_dir; re-run `make {s}`")
+        mdir = sdir / out["model_dir"]
+        if not (mdir / "config.json").exists():
+            raise StageError(f"{mdir} (outputs.model_dir of {sdir}) holds no config.json; re-run `make {s} --overwrite`")
+        method, masks = None, None
+        if s == "prune":
+            method = out.get("method")
+            masks = sdir / out["masks"] if out.get("masks") else None
+        elif s == "distill":
+            # the student inherits the pruning (method, masks) of the stage it was distilled from
+            from_prune = "prune" in man.get("inputs", {})
+            if out.get("masks"):
+                method, masks = out.get("method"), sdir / out["masks"]
+            elif from_prune and prune_manifest is not None:
+                pout = prune_manifest.get("outputs", {})
+                method = out.get("method", pout.get("method"))
+                if pout.get("masks"):
+                    masks = Path(prune_manifest["_dir"]) / pout["masks"]
+            else:
+                method = out.get("method")
+        if masks is not None and not masks.exists():
+            raise StageError(f"{masks} (the masks of {sdir}) does not exist; re-run `make prune --overwrite`")
+        entries.append(ModelEntry(MODEL_STAGES[s], s, sdir, mdir, man, method, masks))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# quality
+
+
+@torch.inference_mode()
+def validation_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int) -> tuple[float, float]:
+    """Mean next-token cross-entropy (nats/token) over ``tokens`` and its perplexity ``exp(loss)``.
+
+    The tokens are cut into non-overlapping blocks of ``seq_len`` inputs (``pipeline.tokens.BlockDataset``);
+    every token but the first is predicted once; the mean is over tokens, not over batches.  Logits are
+    upcast to fp32 before the softmax.  The model runs on the device of its first parameter.
+
+    Raises:
+        ValueError: when ``tokens`` holds fewer than ``seq_len + 1`` tokens (not one block).
+    """
+    from pipeline.tokens import BlockDataset
+
+    ds = BlockDataset(tokens, seq_len)
+    if len(ds) == 0:
+        raise ValueError(f"{len(tokens)} validation tokens make no block of seq_len={seq_len} + 1")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(ds), batch_size):
+        batch = torch.stack([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    mean = total / count
+    return mean, math.exp(mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# size and sparsity
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers pruning acts on: ``nn.Linear`` (and GPT-2's ``Conv1D``) with 2-D weights,
+    the output head excluded (tied to the embeddings in LLaMA; SparseGPT and Wanda leave it dense too).
+    Keys are module names as in ``model.named_modules()``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - old transformers
+        Conv1D = ()  # noqa: N806
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and m is not out_emb and m.weight.dim() == 2
+    }
+
+
+def is_2_4(weight: torch.Tensor) -> bool:
+    """True when every group of 4 consecutive weights along the input dimension has at most 2 non-zeros
+    (NVIDIA's 2:4 semi-structured pattern; Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks").
+    ``weight`` is ``(out_features, in_features)``; ``in_features`` must be a multiple of 4."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool(((weight.detach().reshape(-1, 4) != 0).sum(-1) <= 2).all())
+
+
+def size_stats(model: nn.Module, model_dir: str | Path, masks: str | Path | None = None) -> dict[str, Any]:
+    """Parameter counts, sparsity and on-disk size of a model.
+
+    Returns a dict with ``params`` (unique parameters, tied ones once), ``nonzero``, ``sparsity``
+    (``1 - nonzero/params``), ``linear_params``/``linear_nonzero``/``linear_sparsity`` (over
+    :func:`prunable_linears`), ``is_2_4`` (every prunable weight follows 2:4), ``size_bytes`` (sum of the
+    model directory's ``*.safetensors`` files), ``sparse_size_bytes`` (the weights as a bitmask of
+    ``numel/8`` bytes plus the non-zero values, for tensors with any zero; dense otherwise: the size a
+    bitmap sparse format would take), and ``mask_violations`` (weights non-zero where ``masks`` says
+    pruned; ``None`` without masks).
+
+    Raises:
+        StageError: when ``masks`` names a parameter the model lacks or a mask of another shape.
+    """
+    params = nonzero = sparse_bytes = 0
+    for p in model.parameters():  # unique parameters: tied weights appear once
+        n, nz = p.numel(), int(torch.count_nonzero(p).item())
+        params += n
+        nonzero += nz
+        sparse_bytes += (nz * p.element_size() + math.ceil(n / 8)) if nz < n else n * p.element_size()
+    lin = prunable_linears(model)
+    lin_params = sum(m.weight.numel() for m in lin.values())
+    lin_nonzero = sum(int(torch.count_nonzero(m.weight).item()) for m in lin.values())
+    violations = None
+    if masks is not None:
+        from safetensors.torch import load_file
+
+        state = model.state_dict()
+        violations = 0
+        for name, mask in load_file(str(masks)).items():
+            if name not in state or state[name].shape != mask.shape:
+                raise StageError(f"{masks}: mask '{name}' {tuple(mask.shape)} matches no parameter of the model "
+                                 f"in {model_dir}; the pruned model and its masks disagree, re-run `make prune`")
+            violations += int(((state[name] != 0) & (mask.to(state[name].device) == 0)).sum().item())
+    return {
+        "params": params,
+        "nonzero": nonzero,
+        "sparsity": 1.0 - nonzero / params,
+        "linear_params": lin_params,
+        "linear_nonzero": lin_nonzero,
+        "linear_sparsity": 1.0 - lin_nonzero / lin_params if lin_params else 0.0,
+        "is_2_4": bool(lin) and all(is_2_4(m.weight) for m in lin.values()),
+        "size_bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
+        "sparse_size_bytes": sparse_bytes,
+        "mask_violations": violations,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> list[float]:
+    """Wall time of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls.
+
+    CUDA: each call between two ``torch.cuda.Event`` records, read after one synchronize (device time
+    of the work queued by the call, host overhead included when the GPU waits on the host).
+    CPU: ``time.perf_counter`` around each call.
+    """
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def cuda_graph(fn: Callable[[], Any]) -> Callable[[], None]:
+    """Capture ``fn`` (static inputs, no host synchronisation inside) in a CUDA graph; return its replay.
+
+    Follows the capture recipe of the PyTorch CUDA-graphs documentation: three warm-up calls on a side
+    stream, then capture.  Raises whatever the capture raises (e.g. an op that synchronises)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _shape_key(batch: int, seq: int) -> str:
+    return f"b{batch}_t{seq}"
+
+
+@torch.inference_mode()
+def forward_latency(model: nn.Module, vocab_size: int, batch_sizes: list[int], seq_lens: list[int],
+                    warmup: int, repeats: int, graphs: bool = False, seed: int = 0) -> dict[str, dict]:
+    """Forward latency of ``model`` (logits of every position, no KV cache) for each (batch, seq_len).
+
+    Returns ``{"b<batch>_t<seq>": {"batch", "seq_len", "latency_ms", "latency_min_ms", "latency_max_ms",
+    "tokens_per_s"}}``; with ``graphs``
+    (CUDA only) also ``latency_graph_ms``/``tokens_per_s_graph`` from a CUDA-graph replay, or
+    ``graph_error`` when the capture failed.  Latency is the median over ``repeats``; tokens/s is
+    ``batch * seq_len / latency``.  Inputs are uniform random token ids from a fixed ``seed``.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for b in batch_sizes:
+        for t in seq_lens:
+            ids = torch.randint(0, vocab_size, (b, t), generator=gen).to(device)
+            times = time_ms(partial(model, input_ids=ids, use_cache=False), warmup, repeats, device.type)
+            ms = statistics.median(times)
+            row = {"batch": b, "seq_len": t, "latency_ms": ms, "latency_min_ms": min(times),
+                   "latency_max_ms": max(times), "tokens_per_s": b * t / (ms / 1e3)}
+            if graphs and device.type == "cuda":
+                try:
+                    replay = cuda_graph(partial(model, input_ids=ids, use_cache=False))
+                    gms = statistics.median(time_ms(replay, warmup, repeats, "cuda"))
+                    row.update(latency_graph_ms=gms, tokens_per_s_graph=b * t / (gms / 1e3))
+                except Exception as e:  # noqa: BLE001 - recorded in the results, never hidden
+                    row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            out[_shape_key(b, t)] = row
+    return out
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> tuple[str, torch.Tensor]:
+    """Greedy continuation of ``prompt`` by exactly ``new_tokens`` tokens (EOS does not stop it), KV cache on.
+
+    Returns the decoded continuation (prompt excluded) and the generated ids ``(1, prompt + new_tokens)``."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=pad)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True), ids
+
+
+def generation_speed(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int, repeats: int) -> float:
+    """Greedy generation speed in new tokens/s at batch 1 (prompt prefill included), median of
+    ``repeats`` generations after one untimed one."""
+    device = next(model.parameters()).device.type
+    ms = statistics.median(time_ms(lambda: generate(model, tokenizer, prompt, new_tokens), 1, repeats, device))
+    return new_tokens / (ms / 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2:4 semi-structured sparsity (CUDA)
+
+
+def _contiguous_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
+
+
+def to_semi_structured(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Replace the weight of every prunable linear layer that follows 2:4 by
+    ``torch.sparse.to_sparse_semi_structured(weight)`` (in place; fp16/bf16 CUDA weights).
+
+    The sparse matmul returns its result transposed (column-major); each converted layer gets a forward
+    hook that makes it contiguous, because ``scaled_dot_product_attention`` refuses its fused (flash /
+    memory-efficient) kernels for q/k/v whose last dimension is strided and falls back to the fp32 math
+    kernel: seen on an H200 (PyTorch 2.11), where that fallback, not the linear layers, made a 2:4 model
+    4x slower than dense.  The copy is part of every 2:4 timing.
+
+    Returns the converted layer names and ``{layer: reason}`` for each layer left dense (not 2:4, or
+    refused by the kernel, e.g. a shape it does not support)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    converted, skipped = [], {}
+    for name, mod in prunable_linears(model).items():
+        if not isinstance(mod, nn.Linear):
+            skipped[name] = "not nn.Linear"
+            continue
+        if not is_2_4(mod.weight):
+            skipped[name] = "weights do not follow the 2:4 pattern"
+            continue
+        try:
+            mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+            mod.register_forward_hook(_contiguous_output)
+            converted.append(name)
+        except Exception as e:  # noqa: BLE001 - the kernel's refusal is the reason we report
+            skipped[name] = f"{type(e).__name__}: {e}"[:200]
+    return converted, skipped
+
+
+@torch.inference_mode()
+def linear_shape_bench(shapes: list[tuple[int, int]], token_counts: list[int], dtype: torch.dtype,
+                       warmup: int, repeats: int, seed: int = 0) -> list[dict]:
+    """Dense against 2:4 ``F.linear`` for each weight shape ``(out, in)`` and number of tokens, both
+    captured in CUDA graphs (and eager), so that the per-call host cost of the sparse kernel is visible
+    and separable.  Returns rows ``{"out", "in", "tokens", "dense_ms", "sparse_ms", "speedup",
+    "dense_graph_ms", "sparse_graph_ms", "speedup_graph"}`` (``error`` instead when a kernel refuses)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen)
+        w = w * torch.tensor([1, 1, 0, 0], device="cuda", dtype=dtype).repeat(out_f, in_f // 4)  # 2:4 mask
+        for n in token_counts:
+            x = torch.randn(n, in_f, device="cuda", dtype=dtype, generator=gen)
+            row: dict[str, Any] = {"out": out_f, "in": in_f, "tokens": n}
+            try:
+                ws = to_sparse_semi_structured(w)
+                dense = partial(torch.nn.functional.linear, x, w)
+                sparse = partial(torch.nn.functional.linear, x, ws)
+                row["dense_ms"] = statistics.median(time_ms(dense, warmup, repeats, "cuda"))
+                row["sparse_ms"] = statistics.median(time_ms(sparse, warmup, repeats, "cuda"))
+                row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+                row["dense_graph_ms"] = statistics.median(time_ms(cuda_graph(dense), warmup, repeats, "cuda"))
+                row["sparse_graph_ms"] = statistics.median(time_ms(cuda_graph(sparse), warmup, repeats, "cuda"))
+                row["speedup_graph"] = row["dense_graph_ms"] / row["sparse_graph_ms"]
+            except Exception as e:  # noqa: BLE001 - reported per shape
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the check of every input, before anything is written
+
+
+def check_inputs(cfg: EvalConfig, entries: list[ModelEntry], data_manifest: dict, prompt_tokens: int) -> None:
+    """Refuse, before anything is written, measurements the models cannot make.
+
+    Args:
+        prompt_tokens: length of ``cfg.prompt`` in tokens of the run's tokenizer.
+
+    Raises:
+        ConfigError: a sequence length (latency, validation, or prompt plus generated tokens) beyond a
+            model's ``max_position_embeddings``, or a data vocabulary larger than a model's.
+    """
+    from transformers import AutoConfig
+
+    problems = []
+    vocab = int(data_manifest["outputs"]["vocab_size"])
+    data_seq = int(data_manifest["outputs"]["seq_len"])
+    for e in entries:
+        mc = AutoConfig.from_pretrained(e.model_dir)
+        max_pos = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+        if max_pos is not None:
+            too_long = [t for t in cfg.seq_lens if t > max_pos]
+            if too_long:
+                problems.append(f"seq_lens {too_long} exceed the {e.name} model's max_position_embeddings "
+                                f"{max_pos} ({e.model_dir}); pass --seq_lens of at most {max_pos}")
+            if data_seq > max_pos:
+                problems.append(f"the data's seq_len {data_seq} exceeds the {e.name} model's {max_pos} positions; "
+                                f"the model was not trained on this run's data: re-run `make {e.stage}`")
+            if prompt_tokens + cfg.gen_tokens > max_pos:
+                problems.append(f"prompt ({prompt_tokens} tokens) plus gen_tokens {cfg.gen_tokens} exceed the "
+                                f"{e.name} model's {max_pos} positions; pass a smaller --gen_tokens or --prompt")
+        if getattr(mc, "vocab_size", vocab) < vocab:
+            problems.append(f"the {e.name} model's vocab_size {mc.vocab_size} is smaller than the data's {vocab}; "
+                            f"it was not trained on this run's tokens: re-run `make {e.stage}`")
+    if problems:
+        raise ConfigError(problems)
+
+
+def measure_sparse_24(model: nn.Module, vocab_size: int, cfg: EvalConfig, tokenizer: Any,
+                      dense_latency: dict[str, dict]) -> dict[str, Any]:
+    """Time a 2:4 model with semi-structured sparse weights against the same model dense (CUDA only).
+
+    ``model`` must hold fp16/bf16 CUDA weights and be already timed dense (``dense_latency``, from
+    :func:`forward_latency` with ``graphs=True``); it is converted in place by :func:`to_semi_structured`.
+    Returns ``converted``/``skipped`` layers, ``max_abs_logit_diff`` (sparse against dense on one batch,
+    a correctness check), ``latency`` per shape with ``speedup`` (eager) and ``speedup_graph`` (both
+    captured in CUDA graphs) against the dense figures, ``gen_tokens_per_s``, and ``linear_shapes``:
+    :func:`linear_shape_bench` over the converted layers' weight shapes at each batch x seq_len tokens.
+    """
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab_size, (1, min(cfg.seq_lens)), generator=torch.Generator().manual_seed(cfg.seed))
+    ids = ids.to(device)
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+    converted, skipped = to_semi_structured(model)
+    result: dict[str, Any] = {"converted": converted, "skipped": skipped}
+    if not converted:
+        return result
+    with torch.inference_mode():
+        result["max_abs_logit_diff"] = float((model(input_ids=ids, use_cache=False).logits.float() - ref).abs().max())
+    lat = forward_latency(model, vocab_size, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
+                          graphs=cfg.cuda_graphs, seed=cfg.seed)
+    for key, row in lat.items():
+        d = dense_latency[key]
+        row["dense_latency_ms"] = d["latency_ms"]
+        row["speedup"] = d["latency_ms"] / row["latency_ms"]
+        if "latency_graph_ms" in row and "latency_graph_ms" in d:
+            row["dense_latency_graph_ms"] = d["latency_graph_ms"]
+            row["speedup_graph"] = d["latency_graph_ms"] / row["latency_graph_ms"]
+    result["latency"] = lat
+    result["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
+    mods = dict(model.named_modules())
+    shapes = sorted({(mods[n].weight.shape[0], mods[n].weight.shape[1]) for n in converted})
+    tokens = sorted({b * t for b in cfg.batch_sizes for t in cfg.seq_lens})
+    result["linear_shapes"] = linear_shape_bench(shapes, tokens, next(model.parameters()).dtype,
+                                                 cfg.warmup, cfg.repeats, cfg.seed)
+    return result
+
+
+def speedups(results: dict[str, dict], baseline: str = "dense") -> None:
+    """Add, in place, each model's speed and change against ``baseline`` measured in the same run:
+    per shape ``speedup`` (= baseline latency / model latency) and ``speedup_graph``; and
+    ``rel_ppl``, ``rel_nonzero``, ``rel_size`` (model / baseline - 1), ``gen_speedup``."""
+    base = results[baseline]
+    for row in results.values():
+        for key, lat in row["latency"].items():
+            b = base["latency"][key]
+            lat["speedup"] = b["latency_ms"] / lat["latency_ms"]
+            if "latency_graph_ms" in lat and "latency_graph_ms" in b:
+                lat["speedup_graph"] = b["latency_graph_ms"] / lat["latency_graph_ms"]
+        row["rel_ppl"] = row["val_ppl"] / base["val_ppl"] - 1
+        row["rel_nonzero"] = row["nonzero"] / base["nonzero"] - 1
+        row["rel_size"] = row["size_bytes"] / base["size_bytes"] - 1 if base["size_bytes"] else None
+        row["gen_speedup"] = row["gen_tokens_per_s"] / base["gen_tokens_per_s"]
+
+
+def scalars(name: str, row: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars ``eval/<name>/<metric>`` (per-shape ones as ``.../<metric>/b<B>_t<T>``)
+    of one model's result row."""
+    out = {}
+    for k in ("val_loss", "val_ppl", "params", "nonzero", "sparsity", "linear_sparsity", "size_bytes",
+              "sparse_size_bytes", "gen_tokens_per_s", "gen_speedup", "rel_ppl"):
+        if row.get(k) is not None:
+            out[f"eval/{name}/{k}"] = float(row[k])
+    for key, lat in row["latency"].items():
+        for k in ("latency_ms", "tokens_per_s", "speedup", "latency_graph_ms", "speedup_graph"):
+            if k in lat:
+                out[f"eval/{name}/{k}/{key}"] = float(lat[k])
+    for key, lat in (row.get("sparse_24") or {}).get("latency", {}).items():
+        for k in ("latency_ms", "speedup", "latency_graph_ms", "speedup_graph"):
+            if k in lat:
+                out[f"eval/{name}/sparse24_{k}/{key}"] = float(lat[k])
+    return out

@@ -1,0 +1,399 @@
+"""The run report: ``results/<run>/report.md`` and ``results/<run>/plots/*.png``.
+
+Built only from what the stages wrote -- their ``manifest.json`` files and ``metrics.jsonl`` logs --
+never by measuring anything again (stages never write report fragments either; nanochat's rule).
+Stage 05 is required (it holds the per-model table); every other stage is optional and a missing one
+is named in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import CommonConfig
+from pipeline.manifest import MANIFEST, STAGE_DIRS, read_manifest, require_stage, stage_dir
+from pipeline.metrics import read_metrics
+
+PLOTS = "plots"
+
+
+@dataclass
+class ReportConfig(CommonConfig):
+    """Configuration of the report (which run, where results live); nothing else is chosen here."""
+
+    def validate(self) -> list[str]:
+        """Every problem of the configuration (none can arise beyond the common fields)."""
+        return [] if self.run else ["run: must not be empty"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def collect(run_dir: str | Path) -> dict[str, Any]:
+    """The manifests and metric logs of a run.
+
+    Returns ``{"manifests": {stage: manifest}, "metrics": {stage: [rows]}}`` for every stage whose
+    directory holds a manifest; ``eval`` is always present.
+
+    Raises:
+        StageError: when ``05_eval`` is missing or incomplete (the message names ``make eval``).
+    """
+    run_dir = Path(run_dir)
+    manifests = {"eval": require_stage(run_dir, "eval")}
+    for stage in STAGE_DIRS:
+        m = stage_dir(run_dir, stage) / MANIFEST
+        if stage != "eval" and m.exists():
+            manifests[stage] = read_manifest(m)
+            manifests[stage]["_dir"] = str(m.parent)
+    metrics = {}
+    for stage, man in manifests.items():
+        rows = read_metrics(Path(man["_dir"]) / man.get("outputs", {}).get("metrics", "metrics.jsonl"))
+        if rows:
+            metrics[stage] = rows
+    order = list(STAGE_DIRS)
+    return {"manifests": dict(sorted(manifests.items(), key=lambda kv: order.index(kv[0]))), "metrics": metrics}
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of the rows of a metrics log that hold ``key`` (non-finite values kept as nan)."""
+    steps, vals = [], []
+    for r in rows:
+        if key in r:
+            try:
+                v = float(r[key])
+            except (TypeError, ValueError):
+                continue
+            steps.append(int(r["step"]))
+            vals.append(v)
+    return steps, vals
+
+
+# ---------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg backend: no display needed)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path | None:
+    """Pretraining (``train/loss``, ``val/loss``) and distillation (``kd/*``, ``train/loss``, ``val/loss``)
+    curves over optimizer steps, one panel per stage; ``None`` (no file) when neither logged a loss."""
+    panels = [(s, k) for s, k in (("pretrain", ("train/loss", "val/loss")),
+                                   ("distill", ("kd/loss", "kd/kl", "kd/ce", "train/loss", "val/loss")))
+              if any(series(metrics.get(s, []), key)[0] for key in k)]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (stage, keys) in zip(axes[0], panels):
+        for key in keys:
+            x, y = series(metrics[stage], key)
+            if x:
+                ax.plot(x, y, marker="o" if key.startswith("val/") else None, label=key)
+        ax.set(title=f"{stage}: loss (nats/token)", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_scale(metrics: dict[str, list[dict]], path: Path, precisions: dict[str, Any] | None = None) -> Path | None:
+    """fp16 dynamic loss scale (``train/loss_scale``) over steps for pretraining and distillation, log2
+    axis, each line labelled with its stage's ``precisions`` entry (a flat line at 1 is a bf16/fp32 run,
+    which scales nothing); ``None`` when no stage logged one."""
+    precisions = precisions or {}
+    lines = {s: series(metrics.get(s, []), "train/loss_scale") for s in ("pretrain", "distill")}
+    lines = {s: xy for s, xy in lines.items() if xy[0]}
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage, (x, y) in lines.items():
+        ax.step(x, y, where="post", label=f"{stage} ({precisions.get(stage) or 'precision ?'})")
+    ax.set_yscale("log", base=2)
+    ax.set(title="dynamic loss scale", xlabel="step", ylabel="loss scale")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
+    """Validation perplexity against sparsity of the prunable linear weights and against non-zero
+    parameters, one labelled point per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "linear_sparsity", "sparsity of linear weights"),
+                           (axes[1], "nonzero", "non-zero parameters")):
+        for name, row in models.items():
+            ax.scatter(row[key], row["val_ppl"], s=40)
+            ax.annotate(name, (row[key], row["val_ppl"]), textcoords="offset points", xytext=(5, 5))
+        ax.set(xlabel=label, ylabel="validation perplexity", title=f"perplexity vs {label}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:,.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def _int(x: Any) -> str:
+    return "–" if x is None else f"{int(x):,}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def model_table(models: dict[str, dict], ref: str) -> list[str]:
+    """The main table: one row per model, latency and speed-up at the reference shape ``ref``
+    (``b<batch>_t<seq>``)."""
+    rows = []
+    for name, r in models.items():
+        lat = r["latency"].get(ref, {})
+        rows.append([
+            f"**{name}**", f"{r['stage_dir']}" + (f" ({r['method']})" if r.get("method") else ""),
+            _f(r["val_ppl"]), _pct(r.get("rel_ppl")), _int(r["params"]), _int(r["nonzero"]), _pct(r.get("rel_nonzero")),
+            f"{100 * r['linear_sparsity']:.1f}% / {100 * r['sparsity']:.1f}%",
+            _f(r["size_bytes"] / 1e6), _f(r["sparse_size_bytes"] / 1e6),
+            _f(lat.get("latency_ms")), _f(lat.get("speedup")) + "×", _f(r["gen_tokens_per_s"], 1),
+        ])
+    return _table(["model", "stage", "val ppl", "Δ ppl vs dense", "params", "non-zero", "Δ non-zero",
+                   "sparsity linear / all", "size MB (safetensors)", "size MB (bitmask+values)",
+                   f"latency ms ({ref})", "speed-up", "generate tok/s"], rows)
+
+
+def noisy(lat: dict[str, Any]) -> bool:
+    """True when a latency measurement's slowest repeat took over twice its fastest (a busy machine)."""
+    return "latency_min_ms" in lat and lat["latency_max_ms"] > 2 * lat["latency_min_ms"]
+
+
+def latency_table(models: dict[str, dict]) -> list[str]:
+    """Forward latency and speed-up against dense for every measured shape (eager, and CUDA-graphed
+    where measured)."""
+    graphed = any("latency_graph_ms" in lat for r in models.values() for lat in r["latency"].values())
+    rows = []
+    for name, r in models.items():
+        for lat in r["latency"].values():
+            spread = (f" ({_f(lat['latency_min_ms'], 3)}–{_f(lat['latency_max_ms'], 3)})"
+                      if "latency_min_ms" in lat else "")
+            spread += " ⚠ noisy" if noisy(lat) else ""
+            row = [name, str(lat["batch"]), str(lat["seq_len"]), _f(lat["latency_ms"], 3) + spread,
+                   _f(lat["tokens_per_s"], 0),
+                   _f(lat.get("speedup")) + "×"]
+            if graphed:
+                row += [_f(lat.get("latency_graph_ms"), 3), _f(lat.get("speedup_graph")) + "×"]
+            rows.append(row)
+    header = ["model", "batch", "seq len", "latency ms median (min–max)", "tokens/s", "speed-up vs dense"]
+    if graphed:
+        header += ["latency ms (CUDA graph)", "speed-up (CUDA graph)"]
+    return _table(header, rows)
+
+
+def sparse_24_section(models: dict[str, dict], device: str) -> list[str]:
+    """2:4 semi-structured results: per model shape speed-ups against the same model dense, and the
+    per-linear-shape benchmark with every shape where 2:4 loses marked."""
+    measured = {n: r["sparse_24"] for n, r in models.items() if r.get("sparse_24")}
+    if not measured:
+        if device != "cuda":
+            return ["2:4 semi-structured kernels (`torch.sparse.to_sparse_semi_structured`) need CUDA; this run "
+                    f"was evaluated on {device}, so they were not measured."]
+        return ["No model of this run follows the 2:4 pattern (prune with `--method nm`), so no 2:4 kernel was timed."]
+    out = []
+    for name, sp in measured.items():
+        out += [f"**{name}**: {len(sp['converted'])} linear layers converted, {len(sp['skipped'])} left dense"
+                + (f" ({'; '.join(f'{k}: {v}' for k, v in list(sp['skipped'].items())[:4])})" if sp["skipped"] else "")
+                + (f"; max |logit difference| sparse vs dense {sp['max_abs_logit_diff']:.3g}"
+                   if "max_abs_logit_diff" in sp else ""), ""]
+        if "latency" in sp:
+            rows = [[str(lat["batch"]), str(lat["seq_len"]), _f(lat.get("dense_latency_ms"), 3), _f(lat["latency_ms"], 3),
+                     _f(lat.get("speedup")) + "×", _f(lat.get("dense_latency_graph_ms"), 3),
+                     _f(lat.get("latency_graph_ms"), 3), _f(lat.get("speedup_graph")) + "×"]
+                    for lat in sp["latency"].values()]
+            out += _table(["batch", "seq len", "dense ms", "2:4 ms", "speed-up", "dense ms (graph)",
+                           "2:4 ms (graph)", "speed-up (graph)"], rows)
+            out += ["", f"Generation at batch 1 with 2:4 weights (eager): {_f(sp.get('gen_tokens_per_s'), 1)} tok/s.", ""]
+        if sp.get("linear_shapes"):
+            rows = []
+            for s in sp["linear_shapes"]:
+                if "error" in s:
+                    rows.append([f"{s['out']}×{s['in']}", str(s["tokens"]), "–", "–", "–", f"refused: {s['error']}"])
+                    continue
+                g = s["speedup_graph"]
+                verdict = "2:4 wins" if g >= 1.05 else "**2:4 loses**" if g <= 0.95 else "even (±5%)"
+                rows.append([f"{s['out']}×{s['in']}", str(s["tokens"]), _f(s["speedup"]) + "×",
+                             _f(s["dense_graph_ms"], 4), _f(s["sparse_graph_ms"], 4), f"{_f(s['speedup_graph'])}× {verdict}"])
+            out += ["Per linear-layer shape (weight out×in, tokens = batch × seq len), dense against 2:4 fp16:", ""]
+            out += _table(["weight", "tokens", "speed-up eager", "dense ms (graph)", "2:4 ms (graph)",
+                           "speed-up (graph)"], rows)
+            out += [""]
+    out += ["Eager 2:4 pays a fixed host cost per sparse matmul (cuSPARSELt set-up); inside a CUDA graph it "
+            "disappears, so the graphed figures are the kernel's own speed."]
+    return out
+
+
+def summary_lines(models: dict[str, dict]) -> list[str]:
+    """Plain-language findings computed from the table's figures (no new measurement)."""
+    d = models["dense"]
+    out = [f"- Dense model: perplexity {_f(d['val_ppl'])}, {_int(d['params'])} parameters, "
+           f"{_f(d['size_bytes'] / 1e6)} MB on disk."]
+    p, s = models.get("pruned"), models.get("distilled")
+    if p:
+        out.append(f"- Pruning ({p.get('method') or 'unknown method'}) left {_int(p['nonzero'])} non-zero parameters "
+                   f"({100 * p['linear_sparsity']:.1f}% of the linear weights zero, {100 * p['sparsity']:.1f}% overall) "
+                   f"and moved perplexity to {_f(p['val_ppl'])} ({_pct(p['rel_ppl'])}); size on disk "
+                   f"{_f(p['size_bytes'] / 1e6)} MB as dense safetensors, {_f(p['sparse_size_bytes'] / 1e6)} MB as "
+                   f"bitmask + values.")
+    if s:
+        out.append(f"- Distillation: perplexity {_f(s['val_ppl'])} ({_pct(s['rel_ppl'])} vs dense) at "
+                   f"{100 * s['linear_sparsity']:.1f}% linear sparsity.")
+    if p and s:
+        below = s["val_ppl"] < p["val_ppl"]
+        gap = p["val_ppl"] - d["val_ppl"]
+        rec = (p["val_ppl"] - s["val_ppl"]) / gap if gap > 0 and below else None
+        if s["val_ppl"] < d["val_ppl"]:
+            tail = "; it is below the dense model's too (the student trained on more tokens than the teacher)."
+        elif rec is not None:
+            tail = f"; distillation recovered {100 * rec:.0f}% of the perplexity lost to pruning."
+        else:
+            tail = "."
+        out.append(f"- Distilled perplexity is {'below' if below else '**not** below'} the pruned one "
+                   f"({_f(s['val_ppl'])} vs {_f(p['val_ppl'])})" + tail)
+    for name, r in models.items():
+        if r.get("mask_violations"):
+            out.append(f"- **{name}: {r['mask_violations']} weights are non-zero where the prune masks say pruned.**")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def _precisions(manifests: dict[str, dict]) -> dict[str, Any]:
+    """Training precision per training stage: the one it ran with (metrics) or, failing that, asked for."""
+    return {s: manifests[s].get("metrics", {}).get("precision") or manifests[s].get("config", {}).get("precision")
+            for s in ("pretrain", "distill") if s in manifests}
+
+
+def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path | None]) -> str:
+    """The Markdown text of the report (plots linked by paths relative to ``run_dir``)."""
+    mans, ev = data["manifests"], data["manifests"]["eval"]
+    out, models = ev["outputs"], ev["metrics"]
+    ref = f"b{out['reference_shape']['batch']}_t{out['reference_shape']['seq_len']}"
+    prov = ev["provenance"]
+    hw = prov.get("hardware", {})
+    hw_text = f"{out.get('device_name', out['device'])}" + (
+        f", {hw.get('cpus')} CPUs ({hw.get('machine')})" if hw else "")
+    lines = [f"# Run `{run}`: what compression bought", "",
+             f"Evaluated {prov.get('time', '?')} on {hw_text}, weights in {out['dtype']}, "
+             f"{out.get('threads', '?')} CPU threads; perplexity over {_int(out.get('val_tokens'))} validation tokens "
+             f"in blocks of {out.get('val_seq_len')}. Every figure below comes from the stages' manifests and "
+             f"metric logs.", ""]
+    for stage, why in out.get("missing", {}).items():
+        lines += [f"> **No {stage} stage in this run** ({why}): its row is absent and the rest of the report "
+                  f"is built without it. Run `make {stage} RUN={run}` then `make eval report` to add it.", ""]
+    lines += ["## Summary", "", *summary_lines(models), "",
+              "## Models", "", *model_table(models, ref), "",
+              f"Δ: relative change against the dense model. Speed-up: dense latency / model latency at batch × seq len "
+              f"= {ref.replace('b', '').replace('_t', ' × ')}, measured in the same run (median of "
+              f"{ev['config'].get('repeats')} after {ev['config'].get('warmup')} warm-up calls). Unstructured zeros "
+              f"do not shrink dense safetensors; the bitmask + values column is the size a sparse format would take.",
+              *(["", f"**Timings are noisy**: at {ref} some model's slowest repeat took over twice its fastest "
+                 f"(a busy machine); compare speed-ups only from a run on an idle machine (`python scripts/evaluate.py "
+                 f"--run {run} --preset {ev['config'].get('preset')}` then `make report RUN={run}`)."]
+                if any(noisy(r["latency"].get(ref, {})) for r in models.values()) else []),
+              "", "### Forward latency per shape", "", *latency_table(models), "",
+              "### 2:4 semi-structured sparsity", "", *sparse_24_section(models, out["device"]), "",
+              "## Plots", ""]
+    captions = {"losses": "Training loss curves", "loss_scale": "Dynamic loss scale",
+                "quality": "Perplexity against sparsity and parameters"}
+    for key, p in plots.items():
+        if p is not None:
+            lines += [f"![{captions[key]}]({os.path.relpath(p, run_dir)})", ""]
+    if plots.get("loss_scale") is None:
+        precs = _precisions(mans)
+        lines += [f"No `train/loss_scale` was logged (precision {precs or 'unknown'}): dynamic loss scaling exists "
+                  f"only for fp16 training, so there is no loss-scale plot.", ""]
+    if plots.get("losses") is None:
+        lines += ["No training loss was logged by pretrain or distill (no metrics.jsonl found).", ""]
+    lines += ["## Samples", "", f"Greedy continuation of the same prompt by each model "
+              f"({ev['config'].get('gen_tokens')} new tokens):", "", f"Prompt: `{out['prompt']}`", ""]
+    for name, text in out.get("samples", {}).items():
+        lines += [f"**{name}**", "", "```text", out["prompt"] + text, "```", ""]
+    lines += ["## Provenance", ""]
+    rows = []
+    for stage, man in mans.items():
+        p = man.get("provenance", {})
+        commit = (p.get("git_commit") or "?")[:10] + (" (dirty)" if p.get("git_dirty") else "")
+        rows.append([f"{STAGE_DIRS[stage]}", _f(man.get("wall_time_s"), 1), commit, str(p.get("launcher", "?")),
+                     str(p.get("world_size", "?")), str(p.get("host", "?")), str(p.get("time", "?"))])
+    total = sum(m.get("wall_time_s") or 0 for m in mans.values())
+    lines += _table(["stage", "wall time s", "commit", "launcher", "world size", "host", "finished"], rows)
+    lines += ["", f"Total wall time of the stages: {total / 60:.1f} min.", ""]
+    pk = prov.get("packages", {})
+    lines += ["Packages (at evaluation): " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) +
+              f"; Python {prov.get('python', '?')}.", "",
+              f"Hardware (at evaluation): `{json.dumps(hw)}`.", ""]
+    lines += ["Configurations as each stage resolved them:", ""]
+    for stage, man in mans.items():
+        lines += [f"<details><summary>{STAGE_DIRS[stage]}</summary>", "", "```json",
+                  json.dumps(man.get("config", {}), indent=1, default=str), "```", "", "</details>", ""]
+    lines += ["## TensorBoard", "", "Every stage's scalars side by side:", "", "```bash",
+              f"tensorboard --logdir {run_dir / 'tb'}", "```", ""]
+    return "\n".join(lines)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.md`` and ``<run_dir>/plots/*.png``; return the report's path.
+
+    Raises:
+        StageError: when stage 05 has not run (names ``make eval``); nothing is written then.
+    """
+    run_dir = Path(run_dir)
+    data = collect(run_dir)
+    models = data["manifests"]["eval"]["metrics"]
+    plot_dir = run_dir / PLOTS
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "losses": plot_losses(data["metrics"], plot_dir / "loss_curves.png"),
+        "loss_scale": plot_loss_scale(data["metrics"], plot_dir / "loss_scale.png", _precisions(data["manifests"])),
+        "quality": plot_quality_vs_size(models, plot_dir / "ppl_vs_sparsity.png"),
+    }
+    text = render(run_dir.name, run_dir, data, plots)
+    path = run_dir / "report.md"
+    tmp = path.with_name(f".report.md.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,156 @@
+"""Stage 05: evaluate every model of a run (dense, pruned, distilled) on the same tokens and hardware.
+
+    python scripts/evaluate.py --run NAME [--preset cpu|tiny|124m|350m] [--key value ...]
+
+Reads ``results/<run>/01_data`` (validation tokens, tokenizer) and the models named by the manifests of
+``02_pretrain`` (required), ``03_prune`` and ``04_distill`` (when present); writes ``results/<run>/05_eval/``:
+``results.json`` (the table), ``metrics.jsonl``, ``manifest.json`` (last), and TensorBoard scalars
+``eval/<model>/<metric>`` under ``results/<run>/tb/eval/``.  Runs as one process (other ranks exit).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from pipeline import dist
+from pipeline.config import ConfigError, config_hash, parse_cli, to_dict
+from pipeline.evaluate import (
+    EvalConfig,
+    check_inputs,
+    find_models,
+    forward_latency,
+    generate,
+    generation_speed,
+    measure_sparse_24,
+    scalars,
+    size_stats,
+    speedups,
+    validation_loss,
+)
+from pipeline.manifest import (
+    MANIFEST,
+    StageError,
+    atomic_write_json,
+    prepare_output_dir,
+    require_stage,
+    stage_dir,
+    write_manifest,
+)
+from pipeline.metrics import MetricsLogger
+from pipeline.tokens import load_tokens
+
+try:  # the prune stage's shared validation loss, when that module exists
+    from pipeline.evalloss import evaluate_loss
+except ImportError:
+    evaluate_loss = validation_loss
+
+
+def main(cfg: EvalConfig) -> dict | None:
+    """Run stage 05 with ``cfg``; return the manifest written (``None`` on ranks other than 0).
+
+    Raises:
+        StageError: an upstream stage missing or incomplete (the message names its make target), or an
+            existing 05_eval output of another configuration without ``--overwrite``.
+        ConfigError: measurements the models cannot make (sequence lengths beyond their positions).
+    """
+    t_start = time.time()
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError(problems)
+    if not dist.is_rank0():
+        return None  # evaluation is one process; other ranks of a launcher have nothing to do
+
+    # 1. inputs, found only through manifests; every check before anything is written
+    run_dir = cfg.run_dir()
+    data = require_stage(run_dir, "data")
+    data_dir = Path(data["_dir"])
+    entries = find_models(run_dir, cfg.models)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / data["outputs"]["tokenizer_dir"])
+    val = load_tokens(data_dir, "val", data)
+    if cfg.max_val_tokens:
+        val = val[: cfg.max_val_tokens + 1]
+    seq_len = int(data["outputs"]["seq_len"])
+    if len(val) < seq_len + 1:
+        raise StageError(f"{data_dir} holds {len(val)} validation tokens, fewer than one block of {seq_len} + 1; "
+                         f"re-run `make data` with a larger val_fraction (or raise --max_val_tokens)")
+    check_inputs(cfg, entries, data, len(tokenizer(cfg.prompt)["input_ids"]))
+    out_dir = stage_dir(run_dir, "eval")
+    chash = config_hash(cfg)
+    prepare_output_dir(out_dir, chash, cfg.overwrite, "eval")
+
+    # 2. from here on files are written: first mark the directory incomplete, start fresh logs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    tb_dir = cfg.tb_root() / "eval"
+    shutil.rmtree(tb_dir, ignore_errors=True)
+    device = cfg.resolved_device()
+    dtype = cfg.resolved_dtype()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    vocab = int(data["outputs"]["vocab_size"])
+    results: dict[str, dict] = {}
+    samples: dict[str, str] = {}
+
+    # 3. every model: quality (fp32), size, sample, then speed in the measurement dtype
+    with MetricsLogger(out_dir / "metrics.jsonl", tb_dir) as log:
+        for e in entries:
+            print(f"eval: {e.name} ({e.model_dir})", flush=True)
+            model = AutoModelForCausalLM.from_pretrained(e.model_dir, dtype=torch.float32).to(device).eval()
+            row = {"stage": e.stage, "stage_dir": e.stage_dir.name, "method": e.method,
+                   "masks": str(e.masks) if e.masks else None}
+            row.update(size_stats(model, e.model_dir, e.masks))
+            row["val_loss"], row["val_ppl"] = evaluate_loss(model, val, seq_len, cfg.val_batch_size)
+            samples[e.name], _ = generate(model, tokenizer, cfg.prompt, cfg.gen_tokens)
+            model.to(dtype)
+            row["latency"] = forward_latency(model, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
+                                             graphs=device == "cuda" and cfg.cuda_graphs, seed=cfg.seed)
+            row["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
+            if device == "cuda" and cfg.sparse_24 and row["is_2_4"]:
+                row["sparse_24"] = measure_sparse_24(model, vocab, cfg, tokenizer, row["latency"])
+            results[e.name] = row
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        speedups(results, baseline="dense")
+        for step, (name, row) in enumerate(results.items()):
+            log.log(step, scalars(name, row))
+            log.text(step, f"eval/{name}/sample", samples[name])
+
+    # 4. the table, then the manifest (last)
+    ref = (max(cfg.batch_sizes), max(cfg.seq_lens))
+    missing = {s: f"no {stage_dir(run_dir, s).name} directory" for s in ("prune", "distill")
+               if not any(e.stage == s for e in entries)}
+    outputs = {
+        "results": "results.json", "metrics": "metrics.jsonl", "config_hash": chash,
+        "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "reference_shape": {"batch": ref[0], "seq_len": ref[1]}, "models": list(results),
+        "missing": missing, "prompt": cfg.prompt, "samples": samples,
+        "val_tokens": len(val), "val_seq_len": seq_len,
+    }
+    atomic_write_json(out_dir / "results.json", {"outputs": outputs, "models": results})
+    inputs = {"data": data_dir, **{e.stage: e.stage_dir for e in entries}}
+    return write_manifest(out_dir, "eval", to_dict(cfg), outputs, metrics=results, inputs=inputs,
+                          seed=cfg.seed, wall_time_s=time.time() - t_start)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_cli(EvalConfig, None, "eval"))
+    except (ConfigError, StageError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        sys.exit(2)
