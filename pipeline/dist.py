@@ -30,7 +30,13 @@ def is_rank0() -> bool:
 
 
 def launcher() -> str:
-    """Which launcher started this process: ``deepspeed``, ``accelerate``, ``torchrun`` or ``python``."""
+    """Which launcher started this process: ``deepspeed``, ``accelerate``, ``torchrun`` or ``python``.
+
+    The engine records the answer in ``$PIPELINE_LAUNCHER`` before it sets rank variables for a plain
+    ``python`` run, so later calls keep giving the launcher that really started the process.
+    """
+    if os.environ.get("PIPELINE_LAUNCHER"):
+        return os.environ["PIPELINE_LAUNCHER"]
     if os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None or any(
         k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_CPU" for k in os.environ
     ):

@@ -1,0 +1,540 @@
+"""The training loop shared by stage 02 (pretraining) and stage 04 (distillation).
+
+:func:`run_training` takes a built model and a stage's :class:`TrainConfig` and does the rest:
+resolve precision and the DeepSpeed config, wrap the model (:mod:`pipeline.engine`), resume, train with
+gradient accumulation, warmup + cosine LR, global-norm clipping and fp16 loss scaling, evaluate on the
+whole validation split, sample text, checkpoint (:mod:`pipeline.checkpoint`), and export a Hugging Face
+model.  A stage changes the objective with ``loss_fn(model, batch) -> (loss, extra_metrics)`` and acts
+after every applied optimizer step with ``after_step(engine)``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import checkpoint as ckpt
+from pipeline import dist
+from pipeline.config import CommonConfig, config_hash, doc, to_dict
+from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
+from pipeline.metrics import MetricsLogger
+from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
+from pipeline.sampler import GlobalBatchSampler, eval_shard
+from pipeline.tokens import BlockDataset, load_tokens
+
+#: fields that change how a run is driven, not what it computes (left out of the config hash)
+RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress")
+
+
+class TrainingHalted(RuntimeError):
+    """Raised after the checkpoint of ``halt_after_step``: the run stops as if killed (no export, no manifest)."""
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Stage 02 settings (preset section ``pretrain``); stage 04 extends it."""
+
+    model: ModelConfig = doc("Model shape (dotted keys: --model.n_layer 4).", default_factory=ModelConfig)
+    init_from: str = doc("Start from this Hugging Face model directory instead of a fresh initialisation.", "")
+    ds_config: str = doc("DeepSpeed config template (strict JSON with 'auto' fields), see ds_configs/README.md.",
+                         "ds_configs/zero2_fp16.json")
+    zero_stage: int | None = doc("ZeRO stage 1, 2 or 3 (None: the template's).", None)
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = doc(
+        "Training precision; auto = fp16 with dynamic loss scaling on CUDA, bf16 where fp16 cannot run.", "auto")
+    micro_batch_size: int = doc("Sequences per micro-batch per rank.", 16)
+    grad_accum: int = doc("Micro-batches accumulated per optimizer step.", 1)
+    max_steps: int = doc("Optimizer steps (applied or skipped) of the whole run.", 600)
+    lr: float = doc("Peak learning rate (after warmup).", 2e-3)
+    min_lr_ratio: float = doc("Final LR of the cosine decay as a share of the peak.", 0.1)
+    warmup_steps: int = doc("Linear warmup length in applied optimizer steps.", 40)
+    weight_decay: float = doc("AdamW decoupled weight decay (matrices only).", 0.1)
+    betas: list[float] = doc("AdamW (beta1, beta2).", default_factory=lambda: [0.9, 0.95])
+    eps: float = doc("AdamW epsilon.", 1e-8)
+    grad_clip: float = doc("Clip the global gradient L2 norm to this (0: no clipping).", 1.0)
+    eval_interval: int = doc("Evaluate on the whole validation split every N steps (and at the end).", 200)
+    eval_batch_size: int = doc("Sequences per evaluation batch per rank (0: micro_batch_size).", 0)
+    save_interval: int = doc("Save a checkpoint every N steps (and at the end).", 200)
+    keep_last: int = doc("Keep the newest K checkpoints (0: all).", 2)
+    log_interval: int = doc("Log training metrics every N steps.", 20)
+    resume: str = doc("'auto' (newest complete checkpoint, else from scratch), 'none', or a checkpoint dir.", "auto")
+    compile: bool = doc("torch.compile the model (DeepSpeed engine.compile).", False)
+    peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
+    max_skipped_fraction: float = doc("Stop when more than this share of the last skip_window steps overflowed.",
+                                      0.5)
+    skip_window: int = doc("Window (steps) for max_skipped_fraction.", 50)
+    sample_prompt: str = doc("Prompt of the text sample generated at each evaluation ('' = BOS only).", "")
+    sample_tokens: int = doc("Tokens generated for the sample (0: no sample).", 32)
+    progress: bool = doc("Show a progress bar on rank 0.", True)
+    halt_after_step: int = doc("Stop right after this step's checkpoint as if killed (resume drills); 0 = never.",
+                               0)
+
+    def validate(self) -> list[str]:
+        p = self.model.validate()
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "eval_interval", "save_interval", "log_interval",
+                     "skip_window"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "keep_last", "eval_batch_size", "sample_tokens", "halt_after_step"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            p.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0 or self.peak_tflops < 0:
+            p.append("weight_decay, grad_clip and peak_tflops must be >= 0 and eps > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            p.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            p.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if not 0.0 < self.max_skipped_fraction <= 1.0:
+            p.append(f"max_skipped_fraction must be in (0, 1], got {self.max_skipped_fraction}")
+        if not Path(self.ds_config).is_file():
+            p.append(f"ds_config '{self.ds_config}' does not exist; pass one of ds_configs/*.json")
+        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
+            p.append(f"init_from '{self.init_from}' is not a Hugging Face model directory (no config.json)")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            p.append(f"resume '{self.resume}' is neither 'auto', 'none' nor a checkpoint directory")
+        return p
+
+
+# ---------------------------------------------------------------------------------------------
+# data, schedule, loss
+
+
+@dataclass
+class TrainData:
+    """Stage-01 data as the loop needs it: train/val block datasets and the tokenizer folder."""
+
+    train: BlockDataset
+    val: BlockDataset
+    tokenizer_dir: Path
+    seq_len: int
+    data_dir: Path
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> TrainData:
+        """From a stage-01 manifest as returned by ``require_stage(run_dir, "data")``."""
+        d = Path(manifest["_dir"])
+        out = manifest["outputs"]
+        seq_len = int(out["seq_len"])
+        return cls(train=BlockDataset(load_tokens(d, "train", manifest), seq_len),
+                   val=BlockDataset(load_tokens(d, "val", manifest), seq_len),
+                   tokenizer_dir=d / out["tokenizer_dir"], seq_len=seq_len, data_dir=d)
+
+
+@dataclass
+class WarmupCosine:
+    """LR multiplier: linear warmup ``(s+1)/warmup`` then cosine decay to ``min_ratio`` at ``total`` steps.
+
+    ``s`` counts applied optimizer steps (LambdaLR's step count).  Cosine schedule: Loshchilov & Hutter (2017),
+    SGDR; warmup as in Goyal et al. (2017).  A class, not a closure, so LambdaLR saves it in checkpoints.
+    """
+
+    warmup: int
+    total: int
+    min_ratio: float
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def causal_lm_loss(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy (nats per token) of a batch of blocks.
+
+    Args:
+        model: a causal LM (or the engine wrapping one) returning ``.logits``.
+        batch: int64 tensor ``(B, T + 1)``; inputs are ``batch[:, :-1]``, targets ``batch[:, 1:]`` (already
+            shifted, so no shifted copy of the logits is made).
+
+    Returns:
+        (scalar loss, {}); the loss is computed in fp32 from the model's logits.
+    """
+    x, y = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)), {}
+
+
+LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)  # collective: every rank
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: Any, val: BlockDataset, batch_size: int, device: torch.device | str,
+             world_size: int = 1, rank: int = 0) -> tuple[float, float, int]:
+    """Token-weighted mean cross-entropy over the whole validation split, split across ranks.
+
+    Rank ``r`` reads blocks ``r, r+W, ...`` (:func:`pipeline.sampler.eval_shard`); the sums of losses and
+    token counts are all-reduced, so no block counts twice.  Every rank must call this (collective, and under
+    ZeRO-3 each forward gathers parameters).
+
+    Returns:
+        (val_loss in nats per token, perplexity ``exp(val_loss)``, tokens scored).
+    """
+    was_training = getattr(model, "training", False)
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for idx in eval_shard(len(val), world_size, rank, batch_size):
+        weights = torch.tensor([1.0 if i >= 0 else 0.0 for i in idx], device=device)
+        batch = torch.stack([val[max(i, 0)] for i in idx]).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = model(input_ids=x).logits
+        tok = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        tok = tok.view(y.shape).sum(dim=1)
+        loss_sum += (tok * weights).sum().double()
+        count += weights.sum().double() * y.size(1)
+    _all_reduce_sum(loss_sum)
+    _all_reduce_sum(count)
+    if was_training:
+        model.train()
+    loss = (loss_sum / count).item()
+    return loss, math.exp(min(loss, 700.0)), int(count.item())
+
+
+@torch.no_grad()
+def generate_sample(engine: Engine, tokenizer: Any, prompt: str, n_tokens: int, seed: int,
+                    temperature: float = 0.8, top_k: int = 50) -> str:
+    """Sample ``n_tokens`` after ``prompt`` (top-k, temperature), with the model's weights as they are now.
+
+    Every rank must call this: under ZeRO-3 each forward gathers parameters; the token chosen on rank 0 is
+    broadcast so the ranks stay in step.  Uses its own generator (seeded with ``seed``), leaving the
+    training RNG untouched.  Returns the decoded prompt + continuation.
+    """
+    import torch.distributed as tdist
+
+    model = engine.module
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    ids = torch.tensor([ids or [0]], device=engine.device)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with eval_mode(engine):
+        for _ in range(n_tokens):
+            logits = model(input_ids=ids[:, -max_pos:]).logits[0, -1].float().cpu()
+            v, i = torch.topk(logits / temperature, min(top_k, logits.numel()))
+            nxt = i[torch.multinomial(torch.softmax(v, -1), 1, generator=g)].to(engine.device)
+            if tdist.is_initialized() and tdist.get_world_size() > 1:
+                tdist.broadcast(nxt, src=0)  # collective: every rank
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class LossScaleMonitor:
+    """fp16 health: stop when the loss scale reaches its minimum, or too many recent steps overflowed.
+
+    Args:
+        min_loss_scale: the DeepSpeed config's ``fp16.min_loss_scale`` (``None``: not fp16, never stops).
+        max_skipped_fraction: stop when more than this share of ``window`` steps were skipped.
+        window: number of most recent optimizer steps considered.
+    """
+
+    def __init__(self, min_loss_scale: float | None, max_skipped_fraction: float, window: int):
+        self.min_loss_scale = min_loss_scale
+        self.max_skipped = max_skipped_fraction * window
+        self.window = window
+        self.recent: deque[int] = deque(maxlen=window)
+
+    def update(self, applied: bool, loss_scale: float, step: int) -> None:
+        """Record one optimizer step (``applied`` False: skipped on overflow, ``loss_scale`` after it).
+
+        Raises:
+            FP16HealthError: naming the cause and the options (bf16, a lower LR, a lower min_loss_scale).
+        """
+        self.recent.append(0 if applied else 1)
+        if applied or self.min_loss_scale is None:
+            return
+        if loss_scale <= self.min_loss_scale:
+            raise FP16HealthError(fp16_advice(
+                f"the loss scale fell to its minimum ({self.min_loss_scale:g}) at step {step} and the step overflowed"))
+        if sum(self.recent) > self.max_skipped:
+            raise FP16HealthError(fp16_advice(
+                f"{sum(self.recent)} of the last {len(self.recent)} steps overflowed and were skipped (limit: "
+                f"{self.max_skipped:g} of {self.window}) by step {step}"))
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; the stage writes it into its manifest."""
+
+    val_loss: float
+    val_ppl: float
+    steps: int
+    tokens_seen: int
+    skipped_steps: int
+    loss_scale: float
+    precision: str
+    precision_note: str | None
+    world_size: int
+    launcher: str
+    backend: str
+    zero_stage: int
+    ds_config_resolved: str
+    model_dir: str
+    n_params: int
+    tokens_per_s: float | None
+    mfu: float | None
+    resumed_from: str | None
+    history: dict[str, list] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    if dist.is_rank0():
+        print(f"[train] {msg}", flush=True)
+
+
+def run_training(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    *,
+    stage: str,
+    out_dir: str | Path,
+    tb_dir: str | Path | None,
+    data: TrainData,
+    loss_fn: LossFn | None = None,
+    after_step: Callable[[Engine], None] | None = None,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    client_state_hook: Callable[[], dict] | None = None,
+    restore_hook: Callable[[dict], None] | None = None,
+    on_engine: Callable[[Engine], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` with DeepSpeed as ``cfg`` says, then export it to ``out_dir/model``.
+
+    Every rank must call this with the same arguments (the model identically initialised on each).
+
+    Args:
+        cfg: a :class:`TrainConfig` (or a subclass: stage 04).
+        model: a ``transformers`` causal LM in fp32 on CPU.
+        stage: the stage name (``pretrain``, ``distill``), used in messages.
+        out_dir: the stage directory; gets ``ds_config.resolved.json``, ``metrics.jsonl``, ``checkpoints/`` and
+            ``model/`` (the export, with the stage-01 tokenizer beside it).
+        tb_dir: TensorBoard folder (``results/<run>/tb/<stage>``) or ``None``.
+        data: train/val blocks and tokenizer (:meth:`TrainData.from_manifest`).
+        loss_fn: ``(model, batch) -> (loss, extra_metrics)``; default :func:`causal_lm_loss`.  ``model`` is the
+            engine (callable like the model); ``batch`` an int64 ``(B, T+1)`` tensor on the device; the extra
+            metrics (names such as ``kd/kl``, floats or 0-d tensors) are averaged over the accumulation window
+            and the ranks and logged with the training metrics.
+        after_step: called with the :class:`~pipeline.engine.Engine` after every applied optimizer step
+            (stage 04 re-applies pruning masks there).  Every rank calls it.
+        extra_modules: further modules (a teacher) moved to the engine's device and dtype, in eval mode.
+        client_state_hook: returns more items for each checkpoint's client state.
+        restore_hook: receives the client state when resuming.
+        on_engine: called once with the engine right after it is built (and before resuming).
+
+    Raises:
+        DSConfigError: a bad DeepSpeed template or batch arithmetic (before anything is written).
+        ValueError: too little data for one global batch.
+        CheckpointError: a checkpoint that cannot be resumed (e.g. another world size).
+        FP16HealthError: the fp16 loss scale hit its minimum, or too many steps overflowed.
+        TrainingHalted: after the checkpoint of ``cfg.halt_after_step``.
+    """
+    from pipeline.ds_config import resolve_ds_config, resolve_precision, template_from_env, write_resolved
+
+    t_start = time.time()
+    loss_fn = loss_fn or causal_lm_loss
+    out_dir = Path(out_dir)
+    launcher = init_distributed()  # every rank
+    world, rank = dist.world_size(), dist.rank()
+    from pipeline.engine import device_type
+
+    dev_type = device_type()
+    precision, note = resolve_precision(cfg.precision, dev_type)
+    # under `accelerate launch`, the template its yaml names (deepspeed_config_file) is the one chosen
+    template = template_from_env(cfg.ds_config) if launcher == "accelerate" else cfg.ds_config
+    resolved = resolve_ds_config(
+        template, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=world,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, grad_clip=cfg.grad_clip,
+        precision=precision, zero_stage=cfg.zero_stage)
+    sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed)
+    if len(data.val) < 1:
+        raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a larger "
+                         f"--val_fraction")
+    ckpt_dir = out_dir / "checkpoints"
+    resume_path = ckpt.find_resume(ckpt_dir, cfg.resume)
+    if resume_path is not None:
+        ckpt.check_world_size(resume_path, world, resolved)  # refuse before anything is written
+
+    # -- from here on files are written ------------------------------------------------------------
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # the stage is incomplete until it is written again
+        if resume_path is None:  # a fresh start: old logs and checkpoints of this stage dir go
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if tb_dir is not None:
+                shutil.rmtree(tb_dir, ignore_errors=True)
+    resolved_path = write_resolved(resolved, out_dir) if rank == 0 else out_dir / "ds_config.resolved.json"
+    if note:
+        _log(note)
+    _log(f"{stage}: launcher {launcher}, world size {world}, device {dev_type}, precision {precision}, "
+         f"ZeRO stage {resolved.get('zero_optimization', {}).get('stage')}")
+
+    n_params = count_params(model)
+    fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, data.seq_len)
+    peak = cfg.peak_tflops or None
+    if peak is None and dev_type == "cuda" and torch.cuda.is_available():
+        peak = peak_tflops_for(torch.cuda.get_device_name())
+    if peak is None:
+        _log("train/mfu is not logged: the device's peak TFLOP/s is unknown; pass --peak_tflops")
+
+    schedule = WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    engine = build_engine(model, resolved, precision, schedule,
+                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
+                          launcher)
+    if cfg.compile:
+        engine.ds.compile()
+    for m in (extra_modules or {}).values():
+        m.to(device=engine.device, dtype=engine.dtype).eval()
+    if on_engine is not None:
+        on_engine(engine)
+
+    step, tokens_seen = 0, 0
+    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    if resume_path is not None:
+        state = ckpt.load(engine, resume_path)  # every rank
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        sampler.load_state_dict(state["sampler"])
+        if state.get("config_hash") not in (None, chash):
+            _log(f"warning: resuming a checkpoint made with config {state.get('config_hash')} (this run: {chash})")
+        if restore_hook is not None:
+            restore_hook(state)
+        _log(f"resumed from {resume_path} at step {step} ({tokens_seen} tokens seen)")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", tb_dir)
+    global_tokens = sampler.global_batch * data.seq_len
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+    monitor = LossScaleMonitor(engine.min_loss_scale if precision == "fp16" else None, cfg.max_skipped_fraction,
+                               cfg.skip_window)
+    history: dict[str, list] = {"step": [], "loss": [], "loss_scale": [], "skipped": []}
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
+
+    def save_ckpt(at: int) -> None:
+        client = {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "config_hash": chash}
+        if client_state_hook is not None:
+            client.update(client_state_hook())
+        ckpt.save(engine, ckpt_dir, at, client, cfg.keep_last)  # every rank
+
+    def run_eval(at: int) -> tuple[float, float]:
+        loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
+        logger.log(at, {"val/loss": loss, "val/ppl": ppl})
+        if cfg.sample_tokens > 0:
+            text = generate_sample(engine, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed + at)
+            logger.text(at, "sample", text)
+        msg = f"step {at}: val/loss {loss:.4f}  val/ppl {ppl:.2f}"
+        bar.write(f"[train] {msg}") if bar is not None else _log(msg)
+        return loss, ppl
+
+    engine.train()
+    val_loss = val_ppl = float("nan")
+    t_log, steps_since_log, tps_sum, tps_n = time.perf_counter(), 0, 0.0, 0
+    last_mfu = None
+    try:
+        while step < cfg.max_steps:
+            lr_now = engine.lr()
+            loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
+            extras: dict[str, torch.Tensor] = {}
+            for idx in sampler.next_step():
+                batch = torch.stack([data.train[i] for i in idx]).to(engine.device, non_blocking=True)
+                loss, extra = loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                loss_acc += loss.detach().float()
+                for k, v in extra.items():
+                    v = torch.as_tensor(v, dtype=torch.float32, device=engine.device).detach()
+                    extras[k] = extras.get(k, torch.zeros((), device=engine.device)) + v
+            step += 1
+            tokens_seen += global_tokens
+            steps_since_log += 1
+            res = engine.last_step()
+            monitor.update(res.applied, res.loss_scale, step)  # raises FP16HealthError
+            if res.applied and after_step is not None:
+                after_step(engine)
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                # mean over the accumulation window and the ranks: the global batch's mean token loss
+                vals = torch.stack([loss_acc, *extras.values()]) / cfg.grad_accum
+                vals = _all_reduce_sum(vals) / world
+                now = time.perf_counter()
+                tps = global_tokens * steps_since_log / max(now - t_log, 1e-9)
+                row = {"train/loss": vals[0].item(), "train/lr": lr_now, "train/loss_scale": res.loss_scale,
+                       "train/skipped_steps": engine.skipped_steps, "train/tokens_per_s": tps}
+                if res.grad_norm is not None:
+                    row["train/grad_norm"] = res.grad_norm
+                if peak:
+                    last_mfu = mfu(tps, fpt, peak, world)
+                    row["train/mfu"] = last_mfu
+                row.update({k: v.item() for k, v in zip(extras, vals[1:])})
+                logger.log(step, row)
+                history["step"].append(step)
+                history["loss"].append(row["train/loss"])
+                history["loss_scale"].append(res.loss_scale)
+                history["skipped"].append(engine.skipped_steps)
+                if step > cfg.log_interval:  # the first interval holds start-up costs
+                    tps_sum, tps_n = tps_sum + tps, tps_n + 1
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{lr_now:.2e}", scale=f"{res.loss_scale:g}")
+                t_log, steps_since_log = time.perf_counter(), 0
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val_loss, val_ppl = run_eval(step)
+                t_log = time.perf_counter()
+            if step % cfg.save_interval == 0 or step == cfg.max_steps:
+                save_ckpt(step)
+                t_log = time.perf_counter()
+            if cfg.halt_after_step and step == cfg.halt_after_step and step < cfg.max_steps:
+                raise TrainingHalted(f"halted after step {step} (--halt_after_step); resume with --resume auto")
+        if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
+            val_loss, val_ppl = run_eval(step)
+        model_dir = out_dir / "model"
+        if rank == 0 and model_dir.exists():
+            shutil.rmtree(model_dir)
+        engine.export_hf(model_dir, data.tokenizer_dir)  # every rank
+        dist.barrier()  # every rank
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    _log(f"{stage}: done in {time.time() - t_start:.0f} s; val/loss {val_loss:.4f}; model in {model_dir}")
+    return TrainResult(
+        val_loss=val_loss, val_ppl=val_ppl, steps=step, tokens_seen=tokens_seen, skipped_steps=engine.skipped_steps,
+        loss_scale=engine.loss_scale(), precision=precision, precision_note=note, world_size=world,
+        launcher=launcher, backend=engine.backend, zero_stage=engine.zero_stage,
+        ds_config_resolved=str(resolved_path), model_dir=str(model_dir), n_params=n_params,
+        tokens_per_s=(tps_sum / tps_n) if tps_n else None, mfu=last_mfu,
+        resumed_from=str(resume_path) if resume_path else None, history=history)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The configuration as JSON-able data (for the manifest)."""
+    return to_dict(cfg)
