@@ -12,7 +12,13 @@ SPARSITY     ?= 0.5
 DS_CONFIG    ?= ds_configs/zero2_fp16.json
 ACCEL_CONFIG ?= ds_configs/accelerate/zero2.yaml
 DATA         ?=
-ARGS         ?=
+# extra --key value options for one stage's script, e.g. PRETRAIN_ARGS="--max_steps 100 --lr 1e-3"
+DATA_ARGS    ?=
+PRETRAIN_ARGS ?=
+PRUNE_ARGS   ?=
+DISTILL_ARGS ?=
+EVAL_ARGS    ?=
+REPORT_ARGS  ?=
 TB_PORT      ?= 6006
 PYTEST_ARGS  ?=
 VENV         ?= .venv
@@ -60,22 +66,22 @@ eval: $(R)/05_eval/manifest.json
 report: $(R)/report.md
 
 $(R)/01_data/manifest.json: $(SETUP)
-	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(ARGS)
+	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS)
 
 $(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
-	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(ARGS)
+	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
 
 $(R)/03_prune/manifest.json: $(R)/02_pretrain/manifest.json
-	$(PY) scripts/prune.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(ARGS)
+	$(PY) scripts/prune.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS)
 
 $(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
-	$(LAUNCH) scripts/distill.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(ARGS)
+	$(LAUNCH) scripts/distill.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS)
 
 $(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
-	$(PY) scripts/evaluate.py $(COMMON) $(ARGS)
+	$(PY) scripts/evaluate.py $(COMMON) $(EVAL_ARGS)
 
 $(R)/report.md: $(R)/05_eval/manifest.json
-	$(PY) scripts/report.py $(COMMON) $(ARGS)
+	$(PY) scripts/report.py $(COMMON) $(REPORT_ARGS)
 
 tensorboard: $(SETUP)
 	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)
@@ -90,7 +96,7 @@ lint: $(SETUP)
 	$(PY) -m ruff check pipeline scripts tests
 
 bench: $(SETUP)
-	$(LAUNCH) scripts/bench_pretrain.py $(ARGS)
+	$(PY) scripts/bench_pretrain.py $(BENCH_ARGS)
 
 clean-run:
 	rm -rf $(R)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
-        "data": {"vocab_size": 512, "seq_len": 64, "val_fraction": 0.1},
+        "data": {"vocab_size": 512, "seq_len": 64, "val_fraction": 0.02},
         "pretrain": {
             "model": {"arch": "llama", "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 4, "d_ff": 192},
             "micro_batch_size": 4, "grad_accum": 1, "max_steps": 30, "lr": 3e-3, "warmup_steps": 5,
             "eval_interval": 15, "save_interval": 15, "log_interval": 5, "precision": "fp32",
+            "eval_batch_size": 32,
         },
         "prune": {"sparsity": 0.5},
         "distill": {"micro_batch_size": 4, "max_steps": 20, "lr": 1e-3, "warmup_steps": 2,
@@ -31,7 +32,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "pretrain": {
             "model": {"arch": "llama", "n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 4, "d_ff": 768},
             "micro_batch_size": 16, "grad_accum": 1, "max_steps": 600, "lr": 2e-3, "warmup_steps": 40,
-            "eval_interval": 200, "save_interval": 200, "log_interval": 20,
+            "eval_interval": 200, "save_interval": 200, "log_interval": 20, "eval_batch_size": 64,
         },
         "prune": {"sparsity": 0.5},
         "distill": {"micro_batch_size": 16, "max_steps": 200, "lr": 5e-4, "warmup_steps": 20,
