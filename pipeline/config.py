@@ -67,7 +67,8 @@ class CommonConfig:
 
 
 def _resolve_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, globalns=sys.modules[cls.__module__].__dict__)
+    # each class's annotations are resolved in its own module (subclasses may live elsewhere)
+    return typing.get_type_hints(cls)
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
