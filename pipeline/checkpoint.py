@@ -53,6 +53,12 @@ def list_checkpoints(ckpt_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return complete, incomplete
 
 
+def marker(path: str | Path) -> dict:
+    """The ``complete.json`` of a checkpoint (empty for a universal checkpoint, which has none)."""
+    m = Path(path) / MARKER
+    return json.loads(m.read_text()) if m.is_file() else {}
+
+
 def find_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint directory to resume from, or ``None`` to start from scratch.
 
@@ -119,7 +125,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     dist.barrier()  # every rank: all shards and RNG files are on disk
     if dist.is_rank0():
         atomic_write_json(path / MARKER, {"step": int(step), "world_size": engine.world_size,
-                                          "zero_stage": engine.zero_stage, "precision": engine.precision})
+                                          "zero_stage": engine.zero_stage, "precision": engine.precision,
+                                          "config_hash": client_state.get("config_hash")})
         complete, _ = list_checkpoints(ckpt_dir)
         if keep_last > 0:
             for old in complete[:-keep_last]:

@@ -204,7 +204,7 @@ def _load_file(path: str) -> dict:
 
 def _help_text(cls: type, stage: str) -> str:
     lines = [f"usage: {stage} [--preset NAME] [--config FILE] [--key value ...]", ""]
-    for key, (tp, f) in _leaf_fields(cls).items():
+    for key, (_tp, f) in _leaf_fields(cls).items():
         help_ = f.metadata.get("help", "")
         lines.append(f"  --{key:<28} {help_}")
     return "\n".join(lines)

@@ -32,11 +32,13 @@ def is_rank0() -> bool:
 def launcher() -> str:
     """Which launcher started this process: ``deepspeed``, ``accelerate``, ``torchrun`` or ``python``.
 
-    The engine records the answer in ``$PIPELINE_LAUNCHER`` before it sets rank variables for a plain
-    ``python`` run, so later calls keep giving the launcher that really started the process.
+    The engine records the answer in ``$PIPELINE_LAUNCHER`` (as ``name:pid``) before it sets rank variables
+    for a plain ``python`` run, so later calls in this process keep giving the launcher that really started
+    it; a value inherited from a parent process (another pid) is ignored.
     """
-    if os.environ.get("PIPELINE_LAUNCHER"):
-        return os.environ["PIPELINE_LAUNCHER"]
+    recorded = recorded_launcher()
+    if recorded:
+        return recorded
     if os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None or any(
         k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_CPU" for k in os.environ
     ):
@@ -48,6 +50,20 @@ def launcher() -> str:
     if "RANK" in os.environ:
         return "torchrun"
     return "python"
+
+
+LAUNCHER_ENV = "PIPELINE_LAUNCHER"
+
+
+def recorded_launcher() -> str | None:
+    """The launcher this very process recorded with :func:`record_launcher`, else ``None``."""
+    name, _, pid = os.environ.get(LAUNCHER_ENV, "").partition(":")
+    return name if name and pid == str(os.getpid()) else None
+
+
+def record_launcher(name: str) -> None:
+    """Remember ``name`` as this process's launcher (child processes do not inherit the answer)."""
+    os.environ[LAUNCHER_ENV] = f"{name}:{os.getpid()}"
 
 
 def barrier() -> None:

@@ -28,7 +28,7 @@ import torch
 
 from pipeline import dist
 
-LAUNCHER_ENV = "PIPELINE_LAUNCHER"
+LAUNCHER_ENV = dist.LAUNCHER_ENV
 
 
 class FP16HealthError(RuntimeError):
@@ -40,10 +40,8 @@ def detect_launcher() -> str:
 
     The first call decides (before :func:`init_distributed` sets rank variables for plain ``python``).
     """
-    if os.environ.get(LAUNCHER_ENV):
-        return os.environ[LAUNCHER_ENV]
     name = dist.launcher()
-    os.environ[LAUNCHER_ENV] = name
+    dist.record_launcher(name)
     return name
 
 
@@ -64,10 +62,9 @@ def init_distributed() -> str:
     if launcher == "accelerate":
         return launcher
     if launcher == "python":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(k, v)
+        # a one-rank group of our own: always a fresh port (a MASTER_PORT inherited from a parent may be taken)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
     import deepspeed
 
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)

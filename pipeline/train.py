@@ -10,6 +10,7 @@ after every applied optimizer step with ``after_step(engine)``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -26,6 +27,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import dist
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
 from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
+from pipeline.manifest import file_sha256
 from pipeline.metrics import MetricsLogger
 from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
 from pipeline.sampler import GlobalBatchSampler, eval_shard
@@ -375,6 +377,19 @@ def run_training(
                          f"--val_fraction")
     ckpt_dir = out_dir / "checkpoints"
     resume_path = ckpt.find_resume(ckpt_dir, cfg.resume)
+    # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
+    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = hashlib.sha256(f"{chash}:{file_sha256(Path(data.data_dir) / 'manifest.json')}".encode()).hexdigest()[:16]
+    if resume_path is not None and cfg.resume == "auto":
+        saved = ckpt.marker(resume_path).get("config_hash")
+        if saved not in (None, chash):
+            if not cfg.overwrite:
+                raise ckpt.CheckpointError(
+                    f"{resume_path} was saved by a run with another configuration or other stage-01 data "
+                    f"({saved}; this run {chash}): pass --overwrite to start afresh (its checkpoints are deleted), "
+                    f"or run with the configuration it was made with")
+            _log(f"--overwrite: not resuming {resume_path} (another configuration); starting afresh")
+            resume_path = None
     if resume_path is not None:
         ckpt.check_world_size(resume_path, world, resolved)  # refuse before anything is written
 
@@ -413,7 +428,6 @@ def run_training(
         on_engine(engine)
 
     step, tokens_seen = 0, 0
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
     if resume_path is not None:
         state = ckpt.load(engine, resume_path)  # every rank
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])

@@ -22,6 +22,23 @@ def _default_accelerator() -> str:
 
 os.environ.setdefault("DS_ACCELERATOR", _default_accelerator())
 
+#: rank variables a test may set in this process; a child process must not inherit them from here
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_rank_environment():
+    """Tests that build an engine in-process set rank variables; restore them so later subprocesses (which
+    would read them as a launcher's) start clean."""
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 _WORDS = ("the king queen lord lady speaks walks sleeps into castle garden night morning sword crown letter "
           "brings takes gives loves hates and but then when while with from under over").split()
 

@@ -311,3 +311,18 @@ def test_cuda_arch_suffixes_are_dropped_for_deepspeed(monkeypatch):
     assert "9.0a" in sanitize_cuda_arch_list()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
     assert sanitize_cuda_arch_list() is None  # nothing left to change
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed_silently(tiny_run, clean_env):
+    """Checkpoints of an interrupted run with another configuration are refused with the fix named;
+    --overwrite starts afresh instead of resuming them."""
+    results, run = tiny_run
+    common = ["--max_steps", "4", "--eval_interval", "100", "--save_interval", "2"]
+    with pytest.raises(TrainingHalted):
+        run_stage(results, run, *common, "--halt_after_step", "2")
+    with pytest.raises(StageError, match="another configuration.*--overwrite"):
+        run_stage(results, run, *common, "--lr", "1e-4")
+    out = results / run / "02_pretrain"
+    assert (out / "checkpoints" / "step2" / "complete.json").exists()  # nothing lost by the refusal
+    fresh = run_stage(results, run, *common, "--lr", "1e-4", "--overwrite")
+    assert fresh["outputs"]["resumed_from"] is None and fresh["metrics"]["steps"] == 4
