@@ -189,29 +189,22 @@ def find_models(run_dir: str | Path, models: list[str] | None = None) -> list[Mo
 def validation_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int) -> tuple[float, float]:
     """Mean next-token cross-entropy (nats/token) over ``tokens`` and its perplexity ``exp(loss)``.
 
-    The tokens are cut into non-overlapping blocks of ``seq_len`` inputs (``pipeline.tokens.BlockDataset``);
-    every token but the first is predicted once; the mean is over tokens, not over batches.  Logits are
-    upcast to fp32 before the softmax.  The model runs on the device of its first parameter.
+    The same computation as the training stages' validation (:func:`pipeline.train.evaluate`, here with one
+    rank): non-overlapping blocks of ``seq_len`` inputs (``pipeline.tokens.BlockDataset``), every token but the
+    first predicted once, the mean taken over tokens, logits upcast to fp32.  The model runs on the device of its
+    first parameter.
 
     Raises:
         ValueError: when ``tokens`` holds fewer than ``seq_len + 1`` tokens (not one block).
     """
     from pipeline.tokens import BlockDataset
+    from pipeline.train import evaluate
 
     ds = BlockDataset(tokens, seq_len)
     if len(ds) == 0:
         raise ValueError(f"{len(tokens)} validation tokens make no block of seq_len={seq_len} + 1")
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(ds), batch_size):
-        batch = torch.stack([ds[i] for i in range(start, min(start + batch_size, len(ds)))]).to(device)
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
-    mean = total / count
-    return mean, math.exp(mean)
+    loss, ppl, _ = evaluate(model, ds, batch_size, next(model.parameters()).device)
+    return loss, ppl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +229,12 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
 def is_2_4(weight: torch.Tensor) -> bool:
     """True when every group of 4 consecutive weights along the input dimension has at most 2 non-zeros
     (NVIDIA's 2:4 semi-structured pattern; Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks").
-    ``weight`` is ``(out_features, in_features)``; ``in_features`` must be a multiple of 4."""
+    ``weight`` is ``(out_features, in_features)``; False when ``in_features`` is not a multiple of 4."""
+    from pipeline.sparsity import check_nm
+
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool(((weight.detach().reshape(-1, 4) != 0).sum(-1) <= 2).all())
+    return check_nm(weight, 2, 4)
 
 
 def size_stats(model: nn.Module, model_dir: str | Path, masks: str | Path | None = None) -> dict[str, Any]:

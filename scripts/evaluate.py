@@ -48,11 +48,6 @@ from pipeline.manifest import (
 from pipeline.metrics import MetricsLogger
 from pipeline.tokens import load_tokens
 
-try:  # the prune stage's shared validation loss, when that module exists
-    from pipeline.evalloss import evaluate_loss
-except ImportError:
-    evaluate_loss = validation_loss
-
 
 def main(cfg: EvalConfig) -> dict | None:
     """Run stage 05 with ``cfg``; return the manifest written (``None`` on ranks other than 0).
@@ -112,7 +107,7 @@ def main(cfg: EvalConfig) -> dict | None:
             row = {"stage": e.stage, "stage_dir": e.stage_dir.name, "method": e.method,
                    "masks": str(e.masks) if e.masks else None}
             row.update(size_stats(model, e.model_dir, e.masks))
-            row["val_loss"], row["val_ppl"] = evaluate_loss(model, val, seq_len, cfg.val_batch_size)
+            row["val_loss"], row["val_ppl"] = validation_loss(model, val, seq_len, cfg.val_batch_size)
             samples[e.name], _ = generate(model, tokenizer, cfg.prompt, cfg.gen_tokens)
             model.to(dtype)
             row["latency"] = forward_latency(model, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
