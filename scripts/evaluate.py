@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 import torch
 
 from pipeline import dist
-from pipeline.config import ConfigError, config_hash, parse_cli, to_dict
+from pipeline.cli import run_stage
+from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.evaluate import (
     EvalConfig,
     check_inputs,
@@ -144,8 +145,4 @@ def main(cfg: EvalConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_cli(EvalConfig, None, "eval"))
-    except (ConfigError, StageError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(EvalConfig, "eval", main)

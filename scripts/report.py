@@ -15,8 +15,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import dist
-from pipeline.config import ConfigError, parse_cli
-from pipeline.manifest import StageError
+from pipeline.cli import run_stage
+from pipeline.config import ConfigError
 from pipeline.report import ReportConfig, build_report
 
 
@@ -37,8 +37,4 @@ def main(cfg: ReportConfig) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_cli(ReportConfig, None, "report"))
-    except (ConfigError, StageError) as err:
-        print(f"report: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(ReportConfig, "report", main)
