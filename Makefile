@@ -33,14 +33,21 @@ export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cp
 export NCCL_NVLS_ENABLE ?= 0
 export PYTHONUNBUFFERED := 1
 
+# rendezvous port for multi-process launches; a free one by default (29500 may be taken on a shared machine)
+MASTER_PORT  ?= $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 29500)
+
 ifeq ($(LAUNCHER),python)
   LAUNCH := $(PY)
 else ifeq ($(LAUNCHER),deepspeed)
-  LAUNCH := $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --no_local_rank
+  LAUNCH = $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --master_port $(MASTER_PORT) --no_local_rank
 else ifeq ($(LAUNCHER),accelerate)
-  LAUNCH := $(PY) -m accelerate.commands.accelerate_cli launch --config_file $(ACCEL_CONFIG) --num_processes $(NGPU)
+  LAUNCH = $(PY) -m accelerate.commands.accelerate_cli launch --config_file $(ACCEL_CONFIG) --num_processes $(NGPU) --main_process_port $(MASTER_PORT)
 else
   $(error LAUNCHER must be python, deepspeed or accelerate, not '$(LAUNCHER)')
+endif
+
+ifeq ($(filter $(PRUNE_METHOD),magnitude nm structured),)
+  $(error PRUNE_METHOD must be magnitude, nm or structured, not '$(PRUNE_METHOD)')
 endif
 
 COMMON := --run $(RUN) --preset $(PRESET)

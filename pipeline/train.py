@@ -11,6 +11,7 @@ after every applied optimizer step with ``after_step(engine)``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -27,7 +28,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import dist
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
 from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
-from pipeline.manifest import file_sha256
+from pipeline.manifest import read_manifest
 from pipeline.metrics import MetricsLogger
 from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
 from pipeline.sampler import GlobalBatchSampler, eval_shard
@@ -170,6 +171,14 @@ def causal_lm_loss(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[
 
 
 LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def data_identity(data_dir: str | Path) -> str:
+    """What identifies the stage-01 data a checkpoint trained on: its configuration, tokenizer and token counts
+    (stable when stage 01 is re-made with the same settings and corpus, unlike the manifest's timestamps)."""
+    m = read_manifest(data_dir)
+    return json.dumps([m["outputs"].get("config_hash"), m["outputs"].get("tokenizer_sha256"),
+                       m["metrics"].get("train_tokens"), m["metrics"].get("val_tokens")])
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -379,7 +388,7 @@ def run_training(
     resume_path = ckpt.find_resume(ckpt_dir, cfg.resume)
     # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
     chash = config_hash(cfg, ignore=RUN_CONTROL)
-    chash = hashlib.sha256(f"{chash}:{file_sha256(Path(data.data_dir) / 'manifest.json')}".encode()).hexdigest()[:16]
+    chash = hashlib.sha256(f"{chash}:{data_identity(data.data_dir)}".encode()).hexdigest()[:16]
     if resume_path is not None and cfg.resume == "auto":
         saved = ckpt.marker(resume_path).get("config_hash")
         if saved not in (None, chash):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,12 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "P
 pytestmark = pytest.mark.dist
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
@@ -37,7 +44,8 @@ def _env() -> dict:
 
 
 def _deepspeed(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", *args]
+    # a free port: the launcher's default 29500 may be taken by another job on a shared machine
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()), *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
