@@ -719,6 +719,12 @@ def distill(cfg: DistillConfig) -> dict | None:
                "precision": result.precision, "precision_note": result.precision_note, "zero_stage": result.zero_stage,
                "world_size": result.world_size, "launcher": result.launcher, "backend": result.backend,
                "resumed_from": result.resumed_from, "history": result.history}
-    return write_manifest(out_dir, "distill", to_dict(cfg), outputs, metrics,
+    config = to_dict(cfg)
+    # the student's shape comes from stage 03, not from the (pretraining) model fields of this config
+    config["model"] = {"from": str(student_dir), "hidden_size": s_cfg.hidden_size,
+                       "num_hidden_layers": s_cfg.num_hidden_layers,
+                       "num_attention_heads": getattr(s_cfg, "num_attention_heads", None),
+                       "intermediate_size": getattr(s_cfg, "intermediate_size", None)}
+    return write_manifest(out_dir, "distill", config, outputs, metrics,
                           inputs={"data": data_m["_dir"], "pretrain": pre_m["_dir"], "prune": prune_m["_dir"]},
                           seed=cfg.seed, wall_time_s=time.time() - t0)
