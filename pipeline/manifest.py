@@ -170,6 +170,18 @@ def read_manifest(path: str | Path) -> dict:
         return json.load(f)
 
 
+def _run_preset(run_dir: str | Path) -> str | None:
+    """The preset the run's finished stages were made with (from the first manifest found), for hints."""
+    for name in STAGE_DIRS.values():
+        m = Path(run_dir) / name / MANIFEST
+        if m.is_file():
+            try:
+                return read_manifest(m).get("config", {}).get("preset")
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
+
+
 def require_stage(run_dir: str | Path, stage: str, run: str | None = None) -> dict:
     """Return the manifest of an upstream stage, or raise :class:`StageError` naming the make target.
 
@@ -179,7 +191,9 @@ def require_stage(run_dir: str | Path, stage: str, run: str | None = None) -> di
     """
     d = stage_dir(run_dir, stage)
     run = run or Path(run_dir).name
-    fix = f"run `make {stage} RUN={run}` first (or pass the right --run/--results_dir)"
+    preset = _run_preset(run_dir)
+    target = f"make {stage} RUN={run}" + (f" PRESET={preset}" if preset and preset != "cpu" else "")
+    fix = f"run `{target}` first (or pass the right --run/--results_dir)"
     m = d / MANIFEST
     if not d.exists():
         raise StageError(f"stage '{stage}' has not been run: {d} does not exist; {fix}")

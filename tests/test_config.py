@@ -47,6 +47,11 @@ def test_require_stage_refusals_name_the_make_target(tmp_path):
     m = require_stage(tmp_path / "myrun", "pretrain")
     assert m["outputs"]["model_dir"] == "model" and m["provenance"]["world_size"] == 1
     assert {"git_commit", "git_dirty", "argv", "packages", "launcher", "seed"} <= set(m["provenance"])
+    # the hint carries the preset the run was made with, so following it does not switch presets
+    (tmp_path / "tinyrun" / "01_data").mkdir(parents=True)
+    write_manifest(tmp_path / "tinyrun" / "01_data", "data", {"preset": "tiny"}, {})
+    with pytest.raises(StageError, match=r"`make pretrain RUN=tinyrun PRESET=tiny`"):
+        require_stage(tmp_path / "tinyrun", "pretrain")
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
