@@ -32,6 +32,7 @@ from pipeline import dist
 from pipeline.config import config_hash, doc, to_dict
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
 from pipeline.model import ModelConfig  # noqa: F401 - pipeline.config resolves inherited hints in this module
+from pipeline.sparsity import count_mask_violations, load_export_state_dict  # noqa: F401 (re-exported)
 from pipeline.train import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -339,30 +340,6 @@ class MaskKeeper:
         return [e["name"] for e in self._entries]
 
 
-def count_mask_violations(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Per masked tensor, how many weights are nonzero where the mask says pruned (0 everywhere = kept).
-
-    Args:
-        state_dict: name -> full weight (e.g. a reloaded export, ``safetensors.torch.load_file``).
-        masks: name -> bool/uint8 mask of the same shape, nonzero = kept.
-
-    Returns:
-        name -> count of violations (only names present in both).
-
-    Raises:
-        ValueError: when a mask names a tensor missing from ``state_dict`` or of another shape.
-    """
-    out: dict[str, int] = {}
-    for name, m in masks.items():
-        if name not in state_dict:
-            raise ValueError(f"mask '{name}' has no tensor in the state dict")
-        w = state_dict[name]
-        if tuple(w.shape) != tuple(m.shape):
-            raise ValueError(f"mask '{name}' has shape {tuple(m.shape)}, the tensor {tuple(w.shape)}")
-        out[name] = int(((w != 0) & ~m.to(torch.bool).to(w.device)).sum())
-    return out
-
-
 
 # ---------------------------------------------------------------------------------------------
 # the teacher
@@ -540,18 +517,6 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
         return loss, metrics
 
     return loss_fn
-
-
-def load_export_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face model directory's ``*.safetensors`` files (shards included), on CPU."""
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    if not out:
-        raise StageError(f"{model_dir} holds no *.safetensors weights")
-    return out
 
 
 #: fields that change how a run is driven, not what it computes (left out of the config hash, as in stage 02)

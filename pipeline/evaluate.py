@@ -262,11 +262,11 @@ def size_stats(model: nn.Module, model_dir: str | Path, masks: str | Path | None
     lin_nonzero = sum(int(torch.count_nonzero(m.weight).item()) for m in lin.values())
     violations = None
     if masks is not None:
-        from safetensors.torch import load_file
+        from pipeline.sparsity import load_masks
 
         state = model.state_dict()
         violations = 0
-        for name, mask in load_file(str(masks)).items():
+        for name, mask in load_masks(masks).items():
             if name not in state or state[name].shape != mask.shape:
                 raise StageError(f"{masks}: mask '{name}' {tuple(mask.shape)} matches no parameter of the model "
                                  f"in {model_dir}; the pruned model and its masks disagree, re-run `make prune`")

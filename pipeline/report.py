@@ -105,6 +105,11 @@ def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path | None:
         ax.set(title=f"{stage}: loss (nats/token)", xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (100 dpi) and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -128,10 +133,7 @@ def plot_loss_scale(metrics: dict[str, list[dict]], path: Path, precisions: dict
     ax.set(title="dynamic loss scale", xlabel="step", ylabel="loss scale")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
@@ -146,10 +148,7 @@ def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
             ax.annotate(name, (row[key], row["val_ppl"]), textcoords="offset points", xytext=(5, 5))
         ax.set(xlabel=label, ylabel="validation perplexity", title=f"perplexity vs {label}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

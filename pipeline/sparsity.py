@@ -339,3 +339,41 @@ def sparsity_report(model: nn.Module, names: Iterable[str]) -> dict:
         zeros += z
         numel += p.numel()
     return {"layers": layers, "zeros": zeros, "numel": numel, "overall": zeros / numel if numel else 0.0}
+
+
+def count_mask_violations(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Per masked tensor, how many weights are nonzero where the mask says pruned (0 everywhere = kept).
+
+    Args:
+        state_dict: name -> full weight (e.g. a reloaded export, ``safetensors.torch.load_file``).
+        masks: name -> bool/uint8 mask of the same shape, nonzero = kept.
+
+    Returns:
+        name -> count of violations (only names present in both).
+
+    Raises:
+        ValueError: when a mask names a tensor missing from ``state_dict`` or of another shape.
+    """
+    out: dict[str, int] = {}
+    for name, m in masks.items():
+        if name not in state_dict:
+            raise ValueError(f"mask '{name}' has no tensor in the state dict")
+        w = state_dict[name]
+        if tuple(w.shape) != tuple(m.shape):
+            raise ValueError(f"mask '{name}' has shape {tuple(m.shape)}, the tensor {tuple(w.shape)}")
+        out[name] = int(((w != 0) & ~m.to(torch.bool).to(w.device)).sum())
+    return out
+
+
+def load_export_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face model directory's ``*.safetensors`` files (shards included), on CPU."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    if not out:
+        from pipeline.manifest import StageError
+
+        raise StageError(f"{model_dir} holds no *.safetensors weights")
+    return out

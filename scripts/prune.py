@@ -34,7 +34,7 @@ from pipeline.manifest import StageError, prepare_output_dir, require_stage, sta
 from pipeline.metrics import MetricsLogger
 from pipeline.model import count_params
 from pipeline.prune import PruneConfig, check_model, prune_model, target_sparsity
-from pipeline.sparsity import save_masks
+from pipeline.sparsity import count_mask_violations, load_export_state_dict, save_masks
 from pipeline.tokens import load_tokens
 
 #: fields that change how the stage runs, not what it makes (left out of the configuration hash)
@@ -60,14 +60,7 @@ def load_pretrained(pretrain_manifest: dict, device: str):
 
 def export_violations(model_dir: Path, masks: dict[str, torch.Tensor]) -> int:
     """Entries of the saved ``*.safetensors`` in ``model_dir`` that are non-zero where ``masks`` says pruned."""
-    from safetensors.torch import load_file
-
-    bad = 0
-    for f in model_dir.glob("*.safetensors"):
-        for name, t in load_file(str(f)).items():
-            if name in masks:
-                bad += int(((t != 0) & ~masks[name].cpu()).sum())
-    return bad
+    return sum(count_mask_violations(load_export_state_dict(model_dir), masks).values())
 
 
 def replace_dir(src: Path, dst: Path) -> None:
