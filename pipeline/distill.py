@@ -467,6 +467,9 @@ class DistillConfig(TrainConfig):
     teacher the stage-02 model; the ``model.*`` and ``init_from`` fields of the training loop are not used.
     """
 
+    compile: Literal["auto", "on", "off"] = doc(
+        "torch.compile the student (see pretrain's --compile); off by default here: its effect under the teacher's "
+        "forward and the chunked KD loss has not been measured.", "off")
     alpha: float = doc("Weight of the soft (KL) term; 1 - alpha weighs the hard-label cross-entropy.", 0.5)
     temperature: float = doc("Softmax temperature T of the KL term (the term is scaled by T^2, Hinton et al. 2015).",
                              2.0)

@@ -1,0 +1,141 @@
+"""The engine's speed measures keep the numbers: multi-tensor overflow/norm checks against DeepSpeed's own
+loops, the compiled loss against the eager one, the compile policy, and the benchmark's CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from pipeline.train import compile_policy, compiled_token_cross_entropy, token_cross_entropy
+
+
+def _cpu_zero2_engine():
+    """A one-rank ZeRO-2 bf16 DeepSpeed engine on CPU over a tiny LLaMA, after one backward (gradients reduced)."""
+    from pipeline.ds_config import resolve_ds_config
+    from pipeline.engine import build_engine, init_distributed
+    from pipeline.model import ModelConfig, build_model
+
+    launcher = init_distributed()
+    model = build_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=192), 128, 32,
+                        seed=0)
+    cfg = resolve_ds_config("zero2_bf16", micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3, weight_decay=0.1,
+                            betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, precision="bf16")
+    engine = build_engine(model, cfg, "bf16", lambda s: 1.0,
+                          dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), launcher)
+    batch = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    out = engine(input_ids=batch[:, :-1]).logits
+    engine.backward(token_cross_entropy(out, batch[:, 1:]))
+    return engine
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
+def test_foreach_checks_agree_with_deepspeed_loops():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    engine = _cpu_zero2_engine()
+    opt = engine.ds.optimizer
+    assert engine.foreach_checks and type(opt) is DeepSpeedZeroOptimizer
+    grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+    assert len(grads) > 10 and all(g is not None for g in grads)
+
+    new = float(opt.get_grad_norm_direct(grads, params))
+    old = float(DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params))
+    ref = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
+
+    assert not bool(opt.has_overflow_partitioned_grads_serial())
+    assert not bool(DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        saved = grads[3].view(-1)[5].clone()
+        grads[3].view(-1)[5] = bad
+        assert bool(opt.has_overflow_partitioned_grads_serial()), bad
+        assert bool(DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt)), bad
+        # the invalid-norm sentinel is DeepSpeed's (-1), so clipping/skipping act as before
+        assert float(opt.get_grad_norm_direct(grads, params)) == -1.0
+        assert float(DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params)) == -1.0
+        grads[3].view(-1)[5] = saved
+    engine.step()
+    assert engine.last_step().applied
+
+
+def test_foreach_checks_leave_other_optimizers_alone():
+    from pipeline.engine import use_foreach_grad_checks
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    assert use_foreach_grad_checks(opt) is False
+    assert not hasattr(opt, "has_overflow_partitioned_grads_serial")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_eager_loss(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 8, 50, generator=g) * 3).to(dtype).requires_grad_()
+    y = torch.randint(0, 50, (2, 8), generator=g)
+    a = token_cross_entropy(logits, y)
+    (ga,) = torch.autograd.grad(a, logits)
+    b = compiled_token_cross_entropy(logits, y)
+    (gb,) = torch.autograd.grad(b, logits)
+    assert a.dtype == b.dtype == torch.float32 and gb.dtype == dtype
+    assert float(b) == pytest.approx(float(a), rel=1e-6)
+    assert torch.allclose(ga.float(), gb.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert float(a) == pytest.approx(float(torch.nn.functional.cross_entropy(logits.detach().float().view(-1, 50),
+                                                                            y.view(-1))), rel=1e-6)
+
+
+def test_compile_policy():
+    assert compile_policy("auto", "cuda", 2)[0] and compile_policy("auto", "cuda", 1)[0]
+    assert compile_policy("auto", "cuda", 0)[0]
+    on3, why = compile_policy("auto", "cuda", 3)
+    assert not on3 and "ZeRO-3" in why
+    assert not compile_policy("auto", "cpu", 2)[0]
+    assert compile_policy("on", "cpu", 3)[0] and not compile_policy("off", "cuda", 2)[0]
+
+
+def test_uncompiled_restores_the_compiled_forward():
+    from pipeline.engine import Engine
+
+    class Fake:
+        module = torch.nn.Linear(2, 2)
+
+    e = Engine.__new__(Engine)
+    e.module = Fake.module
+    marker = object()
+    e.module._compiled_call_impl = marker
+    with e.uncompiled():
+        assert e.module._compiled_call_impl is None
+        assert e.module(torch.zeros(1, 2)).shape == (1, 2)  # the eager forward runs
+    assert e.module._compiled_call_impl is marker
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_bench_pretrain_cpu_smoke(tmp_path):
+    """The benchmark runs end to end (CPU smoke mode): a baseline and an engine row, ratios, a profile."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--device", "cpu", "--preset", "tiny",
+           "--vocab", "256", "--seq_len", "32", "--gpus", "1", "--steps", "2", "--windows", "2", "--warmup", "1",
+           "--configs", "baseline,zero2_bf16+profile", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (path,) = tmp_path.glob("pretrain-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["baseline", "zero2_bf16+profile"]
+    base, eng = rows
+    assert base["ratio_to_baseline"] == 1.0 and eng["ratio_to_baseline"] > 0
+    assert eng["foreach_checks"] is True and eng["compiled"] is False  # auto: off the GPU
+    assert all(r["tokens_per_s_per_gpu"] > 0 and math.isfinite(r["final_loss"]) for r in rows)
+    assert "aten::" in next(tmp_path.glob("profiles-*.txt")).read_text()
+
+
+def test_bench_pretrain_refuses_unknown_configuration():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--configs", "zero9_fp16"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "unknown configuration 'zero9_fp16'" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--configs",
+                        "zero2_fp16+fast"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "unknown option '+fast'" in r.stderr
