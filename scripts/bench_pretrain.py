@@ -1,15 +1,40 @@
 """Pretraining throughput: this project's engine (DeepSpeed ZeRO-1/2/3, fp16/bf16) against a plain PyTorch
-baseline (DDP + ``torch.compile`` + bf16 autocast + fused AdamW), same model, batch and sequence length, same
-GPUs, one run.
+baseline (DDP + ``torch.compile`` + bf16 autocast + fused AdamW), same model, micro-batch and sequence length,
+same GPUs, one run.
 
-    python scripts/bench_pretrain.py --gpus 1,2 --configs baseline,zero2_fp16,zero3_fp16 [--preset 124m]
+    python scripts/bench_pretrain.py --gpus 1,2 [--preset 124m] [--configs baseline,zero2_fp16,...]
+    python scripts/bench_pretrain.py --gpus 1 --configs "baseline,zero2_fp16,zero2_fp16+eager+noforeach"
 
-The driver launches one ``torchrun`` job per (configuration, GPU count); each job times ``--steps`` optimizer
-steps after ``--warmup`` untimed ones (compilation and JIT builds fall in the warm-up) and reports the median
-step.  Figures per GPU: tokens/s, TFLOP/s (6N + 12·L·d·T FLOPs per token, as in PaLM's appendix B and
-nanoGPT), MFU against the bf16 matrix-multiply peak measured here with an 8192³ matmul, peak memory; plus the
-ratio to the baseline with the same GPU count and the weak-scaling efficiency against one GPU.
-Output: a table on stdout and ``results/bench/pretrain-<time>.json``.
+A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` followed by ``+option``s:
+
+- (none): the engine exactly as ``scripts/pretrain.py`` builds it, with the product's defaults
+  (``--compile auto``, multi-tensor overflow/norm checks);
+- ``+eager`` / ``+compile``: force the model (and loss) eager or compiled;
+- ``+noforeach``: DeepSpeed's own per-tensor overflow and gradient-norm loops;
+- ``+bucket=N``: ZeRO ``reduce_bucket_size`` and ``allgather_bucket_size`` N elements;
+- ``+nooverlap``: ZeRO ``overlap_comm`` false;
+- ``+deepcompile``: DeepSpeed's DeepCompile (``"compile": {"deepcompile": true}``), compiled;
+- ``+mb=N``: micro-batch N instead of the preset's (also valid for ``baseline``);
+- ``+preset=NAME``: another preset's model (e.g. ``350m``) (also valid for ``baseline``);
+- ``+profile``: after timing, profile 3 steps with ``torch.profiler`` (top kernels and host ops, GPU busy share).
+
+The driver launches one ``torchrun`` job per (configuration, GPU count).  With ``--parallel`` the one-GPU jobs run
+side by side, one per visible GPU (``CUDA_VISIBLE_DEVICES``), and ``baseline`` is measured on every GPU so each
+one-GPU row is compared with the baseline *of its own GPU*.  Each job runs ``--warmup`` untimed optimizer steps
+(compilation and JIT builds fall there), then ``--steps`` steps in ``--windows`` equal windows, synchronising the
+device only at window edges (a per-step synchronisation would stop the host from queueing ahead, which only the
+baseline would lose); the figure is the median window's mean step time.  The engine's timed step is the product
+loop's: loss, ``backward``, ``step`` and the step's result (loss scale, gradient norm) read back as
+``pipeline.train.run_training`` does.
+
+Figures per GPU: tokens/s, TFLOP/s (6N + 12·L·d·T FLOPs per token, PaLM appendix B, as nanoGPT's MFU), MFU
+against the bf16 matrix-multiply peak measured at the start with an 8192³ matmul (median of 30), peak memory;
+the ratio to the baseline (same GPU count, same GPU with ``--parallel``) and the weak-scaling efficiency
+(tokens/s per GPU at n GPUs over one GPU, same configuration).  Output: a table on stdout,
+``<out>/pretrain-<time>.json`` and, with ``+profile`` rows, ``<out>/profiles-<time>.txt``.
+
+``--device cpu`` is a smoke mode for this machine's tests (gloo, ``DS_ACCELERATOR=cpu``, bf16 and fp32 only, no
+compile, tiny preset): it checks the script, not the hardware.
 """
 
 from __future__ import annotations
@@ -26,13 +51,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {  # name -> (DeepSpeed template or None for the baseline, precision)
-    "baseline": (None, "bf16"),
-    "zero1_fp16": ("zero1_fp16", "fp16"),
-    "zero2_fp16": ("zero2_fp16", "fp16"),
-    "zero3_fp16": ("zero3_fp16", "fp16"),
-    "zero2_bf16": ("zero2_bf16", "bf16"),
-}
+OPTIONS = ("eager", "compile", "noforeach", "bucket", "nooverlap", "deepcompile", "mb", "preset", "profile")
+
+
+def parse_config(spec: str) -> tuple[str, dict]:
+    """``zero2_fp16+bucket=5e8+eager`` -> (``zero2_fp16``, {"bucket": 5e8, "eager": True}).
+
+    Raises:
+        ValueError: unknown template or option (named in the message).
+    """
+    base, *opts = spec.split("+")
+    if base != "baseline" and not (ROOT / "ds_configs" / f"{base}.json").is_file():
+        raise ValueError(f"unknown configuration '{base}' in '{spec}': use 'baseline' or a ds_configs/*.json name")
+    out: dict = {}
+    for o in opts:
+        key, _, val = o.partition("=")
+        if key not in OPTIONS:
+            raise ValueError(f"unknown option '+{key}' in '{spec}'; options: {', '.join(OPTIONS)}")
+        if key in ("bucket", "mb"):
+            out[key] = int(float(val))
+        elif key == "preset":
+            out[key] = val
+        else:
+            out[key] = True
+    if base == "baseline" and set(out) - {"mb", "preset", "profile"}:
+        raise ValueError(f"'{spec}': the baseline takes only +mb, +preset and +profile")
+    return base, out
 
 
 def measure_peak_tflops(n: int = 8192, iters: int = 30) -> float:
@@ -54,170 +98,363 @@ def measure_peak_tflops(n: int = 8192, iters: int = 30) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def _profile(step, batches, device: str) -> str:
+    """Top ops of 3 profiled steps, and the share of wall time the GPU was busy running kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(3):
+            step(batches[i % len(batches)])
+        sync()
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    lines = []
+    if device == "cuda":
+        kernel_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA")
+        lines.append(f"GPU busy {kernel_us / 1e6 / wall:.1%} of {wall * 1e3 / 3:.1f} ms per step (kernel time summed)")
+        lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+    lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    return "\n".join(lines)
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as tdist
 
     from pipeline.config import parse_cli
-    from pipeline.model import count_params, flops_per_token
-    from pipeline.train import TrainConfig, causal_lm_loss
+    from pipeline.model import build_model, count_params, flops_per_token
+    from pipeline.train import TrainConfig, causal_lm_loss, compiled_token_cross_entropy
 
-    cfg = parse_cli(TrainConfig, ["--preset", args.preset] + (["--micro_batch_size", str(args.micro_batch)]
-                                                              if args.micro_batch else []), "pretrain", validate=False)
-    template, precision = CONFIGS[args.config]
+    template, opts = parse_config(args.config)
+    preset = opts.get("preset", args.preset)
+    cfg = parse_cli(TrainConfig, ["--preset", preset], "pretrain", validate=False)
+    cuda = args.device == "cuda"
     seq = args.seq_len
-    mb = cfg.micro_batch_size
+    mb = opts.get("mb") or args.micro_batch or cfg.micro_batch_size
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    from pipeline.model import build_model
-
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     model = build_model(cfg.model, args.vocab, seq, seed=cfg.seed)
     n_params = count_params(model)
     fpt = flops_per_token(n_params, cfg.model.n_layer, cfg.model.d_model, seq)
+    info: dict = {}
 
-    if template is None:  # plain PyTorch baseline
-        tdist.init_process_group("nccl")
+    if template == "baseline":  # plain PyTorch, as a careful user writes it (nanoGPT-style)
+        tdist.init_process_group("nccl" if cuda else "gloo")
         world = tdist.get_world_size()
-        model = model.cuda()
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], gradient_as_bucket_view=True)
-        cmodel = torch.compile(model)
+        precision = "bf16"
+        model = model.to(dev)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None,
+                                                        gradient_as_bucket_view=True)
+        cmodel = torch.compile(ddp) if cuda else ddp
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                fused=True)
+                                fused=cuda)
+        ce = compiled_token_cross_entropy if cuda else None
+        info.update(compiled=cuda)
 
         def step(batch):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = causal_lm_loss(cmodel, batch)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                x, y = batch[:, :-1], batch[:, 1:]
+                logits = cmodel(input_ids=x).logits
+            loss = ce(logits, y) if ce else torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
-    else:  # this project's engine, as scripts/pretrain.py builds it
-        from pipeline.ds_config import resolve_ds_config
-        from pipeline.engine import build_engine, init_distributed
+    else:  # this project's engine, built as scripts/pretrain.py builds it
+        from pipeline.ds_config import load_template, resolve_ds_config
+        from pipeline.engine import build_engine, device_type, init_distributed
+        from pipeline.train import compile_policy
 
         launcher = init_distributed()
         world = tdist.get_world_size()
-        dsc = resolve_ds_config(template, micro_batch_size=mb, grad_accum=1, world_size=world, lr=cfg.lr,
+        tpl, _ = load_template(ROOT / "ds_configs" / f"{template}.json")
+        zo = tpl.setdefault("zero_optimization", {})
+        if "bucket" in opts:
+            zo["reduce_bucket_size"] = opts["bucket"]
+            if zo.get("stage", 0) < 3:
+                zo["allgather_bucket_size"] = opts["bucket"]
+        if opts.get("nooverlap"):
+            zo["overlap_comm"] = False
+        if opts.get("deepcompile"):
+            tpl["compile"] = {"deepcompile": True}
+        precision = "bf16" if tpl.get("bf16", {}).get("enabled") else "fp16" if tpl.get("fp16", {}).get(
+            "enabled") else "fp32"
+        if not cuda and precision == "fp16":
+            raise SystemExit(f"{args.config}: fp16 does not run on DeepSpeed's CPU accelerator")
+        dsc = resolve_ds_config(tpl, micro_batch_size=mb, grad_accum=1, world_size=world, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps,
                                 grad_clip=cfg.grad_clip, precision=precision)
         engine = build_engine(model, dsc, precision, lambda s: 1.0,
                               dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
-                              launcher)
-        if args.compile:
-            engine.ds.compile()
+                              launcher, foreach_checks=not opts.get("noforeach"))
+        setting = "on" if (opts.get("compile") or opts.get("deepcompile")) else "off" if opts.get("eager") else "auto"
+        use_compile, why = compile_policy(setting, device_type(), engine.zero_stage)
+        if use_compile:
+            engine.compile()
+        info.update(compiled=engine.compiled, compile_policy=why, foreach_checks=engine.foreach_checks,
+                    zero_optimization=dsc.get("zero_optimization"))
 
         def step(batch):
             loss, _ = causal_lm_loss(engine, batch)
             engine.backward(loss)
             engine.step()
+            engine.last_step()  # what the training loop reads back after every optimizer step
             return loss
 
     g = torch.Generator(device="cpu").manual_seed(1234 + tdist.get_rank())
-    batches = [torch.randint(0, args.vocab, (mb, seq + 1), generator=g).cuda() for _ in range(4)]
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    batches = [torch.randint(0, args.vocab, (mb, seq + 1), generator=g).to(dev) for _ in range(4)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_warm = time.perf_counter()
+    for i in range(args.warmup):
         loss = step(batches[i % len(batches)])
-        torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    sync()
+    warm_s = time.perf_counter() - t_warm
+    per_window = max(1, args.steps // args.windows)
+    windows = []
+    for w in range(args.windows):
+        sync()
+        t0 = time.perf_counter()
+        for i in range(per_window):
+            loss = step(batches[(w * per_window + i) % len(batches)])
+        sync()
+        windows.append((time.perf_counter() - t0) / per_window)
+    dt = statistics.median(windows)
     tok_per_gpu = mb * seq / dt
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     mems = [None] * world
     tdist.all_gather_object(mems, peak_mem)  # every rank must call it
+    prof = None
+    if opts.get("profile"):
+        text = _profile(step, batches, args.device)  # every rank steps; rank 0 keeps the table
+        prof = text if tdist.get_rank() == 0 else None
     if tdist.get_rank() == 0:
-        row = dict(config=args.config, gpus=world, precision=precision, micro_batch=mb, seq_len=seq,
-                   n_params=n_params, step_s=dt, tokens_per_s_per_gpu=tok_per_gpu,
-                   tflops_per_gpu=tok_per_gpu * fpt / 1e12, peak_mem_gib=max(mems), final_loss=float(loss),
-                   compiled=bool(args.compile or template is None), step_times=times)
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all") if cuda else "cpu"
+        row = dict(config=args.config, template=template, preset=preset, gpus=world, gpu_ids=gpu,
+                   precision=precision, micro_batch=mb, seq_len=seq, n_params=n_params, flops_per_token=fpt,
+                   step_s=dt, window_step_s=windows, warmup_s=warm_s, tokens_per_s_per_gpu=tok_per_gpu,
+                   tflops_per_gpu=tok_per_gpu * fpt / 1e12, peak_mem_gib=max(mems), final_loss=float(loss), **info)
+        if prof:
+            row["profile"] = prof
         Path(args.out).write_text(json.dumps(row))
     tdist.barrier()
     tdist.destroy_process_group()
 
 
-def driver(args: argparse.Namespace) -> None:
-    import torch
+def _job(spec: str, n: int, args: argparse.Namespace, out_dir: Path, gpu: int | None) -> tuple[subprocess.Popen, Path,
+                                                                                             float]:
+    tag = f"{spec}-{n}-{gpu}".replace("+", "_").replace("=", "")
+    tmp = out_dir / f".row-{tag}.json"
+    tmp.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+           "--worker", "--config", spec, "--out", str(tmp), "--preset", args.preset, "--vocab", str(args.vocab),
+           "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--windows", str(args.windows), "--device", args.device]
+    if args.micro_batch:
+        cmd += ["--micro_batch", str(args.micro_batch)]
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if args.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    log = open(out_dir / f".log-{tag}.txt", "w")  # noqa: SIM115 - closed by the caller through the process
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    p._log = log  # type: ignore[attr-defined]
+    p._logpath = Path(log.name)  # type: ignore[attr-defined]
+    return p, tmp, time.time()
 
-    peak = measure_peak_tflops()
-    name = torch.cuda.get_device_name(0)
-    rows = []
-    out_dir = ROOT / "results" / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for n in [int(x) for x in args.gpus.split(",")]:
-        if n > torch.cuda.device_count():
-            print(f"skip {n} GPUs: only {torch.cuda.device_count()} visible", flush=True)
-            continue
-        for c in args.configs.split(","):
-            tmp = out_dir / f".row-{c}-{n}.json"
-            tmp.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
-                   "--worker", "--config", c, "--out", str(tmp), "--preset", args.preset, "--vocab", str(args.vocab),
-                   "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            if args.micro_batch:
-                cmd += ["--micro_batch", str(args.micro_batch)]
-            if args.compile and c != "baseline":
-                cmd += ["--compile"]
-            t0 = time.time()
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            if r.returncode != 0 or not tmp.exists():
-                print(f"FAILED {c} on {n} GPU(s) (rc {r.returncode}):\n{r.stderr[-3000:]}", flush=True)
-                rows.append(dict(config=c, gpus=n, failed=True, error=r.stderr[-2000:]))
-                continue
-            row = json.loads(tmp.read_text())
-            tmp.unlink()
-            row["mfu"] = row["tflops_per_gpu"] / peak
-            row["wall_s"] = time.time() - t0
-            rows.append(row)
-            print(f"{c:>12} {n} GPU: {row['tokens_per_s_per_gpu']:>10,.0f} tok/s/GPU {row['tflops_per_gpu']:6.1f} "
-                  f"TFLOP/s/GPU  MFU {row['mfu']:.1%}  mem {row['peak_mem_gib']:.1f} GiB", flush=True)
-    ok = [r for r in rows if not r.get("failed")]
-    for r in ok:
-        base = next((b for b in ok if b["config"] == "baseline" and b["gpus"] == r["gpus"]), None)
-        one = next((b for b in ok if b["config"] == r["config"] and b["gpus"] == 1), None)
-        r["ratio_to_baseline"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
-        r["weak_scaling"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"] if one else None
+
+def _collect(p: subprocess.Popen, tmp: Path, t0: float, spec: str, n: int, gpu: int | None, timeout: float) -> dict:
+    try:
+        p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    p._log.close()  # type: ignore[attr-defined]
+    log = p._logpath.read_text(errors="replace")  # type: ignore[attr-defined]
+    p._logpath.unlink(missing_ok=True)  # type: ignore[attr-defined]
+    if p.returncode != 0 or not tmp.exists():
+        print(f"FAILED {spec} on {n} GPU(s){'' if gpu is None else f' (GPU {gpu})'} rc {p.returncode}:\n"
+              f"{log[-2500:]}", flush=True)
+        return dict(config=spec, gpus=n, gpu_ids=str(gpu) if gpu is not None else "all", failed=True,
+                    error=log[-2000:])
+    row = json.loads(tmp.read_text())
+    tmp.unlink()
+    row["wall_s"] = time.time() - t0
+    return row
+
+
+def driver(args: argparse.Namespace) -> None:
     import importlib.metadata as md
 
+    import torch
+
+    specs = [s for s in args.configs.split(",") if s]
+    for s in specs:
+        parse_config(s)  # refuse a misspelled configuration before anything runs
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu for the smoke mode)")
+    n_visible = torch.cuda.device_count() if cuda else 2
+    peak = measure_peak_tflops() if cuda else None
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"pretrain-{stamp}.json"
     versions = {p: md.version(p) for p in ("torch", "deepspeed", "transformers")}
-    result = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), gpu=name, measured_peak_bf16_tflops=peak,
-                  preset=args.preset, vocab=args.vocab, seq_len=args.seq_len, versions=versions, rows=rows)
-    path = out_dir / f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"\n{name}, measured bf16 peak {peak:.0f} TFLOP/s, preset {args.preset}, seq {args.seq_len}; {versions}")
-    print(f"{'config':>12} {'GPUs':>4} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'vs base':>8} {'weak':>6}")
-    for r in ok:
-        f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
-        print(f"{r['config']:>12} {r['gpus']:>4} {r['tokens_per_s_per_gpu']:>10,.0f} {r['tflops_per_gpu']:>8.1f} "
-              f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>8.1f} {f(r['ratio_to_baseline'], '{:.2f}x'):>8} "
-              f"{f(r['weak_scaling'], '{:.0%}'):>6}")
+    rows: list[dict] = []
+    t_start = time.time()
+
+    def save() -> None:  # after every job, so a run cut short keeps what it measured
+        finish(rows, peak)
+        path.write_text(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), gpu=name,
+                                        measured_peak_bf16_tflops=peak, preset=args.preset, vocab=args.vocab,
+                                        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                                        versions=versions, rows=rows), indent=1))
+
+    def report(row: dict) -> None:
+        if row.get("failed"):
+            return
+        mfu = f"MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+        print(f"{row['config']:>34} {row['gpus']} GPU [{row['gpu_ids']}]: {row['tokens_per_s_per_gpu']:>10,.0f} "
+              f"tok/s/GPU {row['tflops_per_gpu']:6.1f} TFLOP/s/GPU {mfu} mem {row['peak_mem_gib']:.1f} GiB "
+              f"(wall {row['wall_s']:.0f} s)", flush=True)
+
+    for n in [int(x) for x in args.gpus.split(",")]:
+        if n > n_visible:
+            print(f"skip {n} GPUs: only {n_visible} visible", flush=True)
+            continue
+        if time.time() - t_start > args.budget:
+            print(f"skip {n} GPUs: --budget {args.budget} s spent", flush=True)
+            continue
+        if n == 1 and args.parallel and n_visible > 1:
+            # one-GPU jobs side by side, one per GPU; the baseline on every GPU
+            queue = [(s, g) for s in specs if s.split("+")[0] == "baseline" and "+" not in s
+                     for g in range(n_visible)]
+            queue += [(s, None) for s in specs if not (s.split("+")[0] == "baseline" and "+" not in s)]
+            running: dict[int, tuple] = {}
+            while queue or running:
+                for g in range(n_visible):
+                    if g in running or not queue or time.time() - t_start > args.budget:
+                        continue
+                    idx = next((i for i, (_, want) in enumerate(queue) if want in (None, g)), None)
+                    if idx is None:
+                        continue
+                    s, _ = queue.pop(idx)
+                    running[g] = (s, *_job(s, 1, args, out_dir, g))
+                if not running:
+                    if queue:
+                        print(f"skip {[s for s, _ in queue]}: --budget {args.budget} s spent", flush=True)
+                    break
+                time.sleep(1)
+                for g, (s, p, tmp, t0) in list(running.items()):
+                    if p.poll() is not None or time.time() - t0 > args.timeout:
+                        row = _collect(p, tmp, t0, s, 1, g, args.timeout)
+                        rows.append(row)
+                        del running[g]
+                        save()
+                        report(row)
+        else:
+            for s in specs:
+                if time.time() - t_start > args.budget:
+                    print(f"skip {s} on {n} GPUs: --budget {args.budget} s spent", flush=True)
+                    continue
+                p, tmp, t0 = _job(s, n, args, out_dir, None)
+                row = _collect(p, tmp, t0, s, n, None, args.timeout)
+                rows.append(row)
+                save()
+                report(row)
+    save()
+    profiles = [r for r in rows if r.get("profile")]
+    if profiles:
+        ppath = out_dir / f"profiles-{stamp}.txt"
+        ppath.write_text("\n\n".join(f"=== {r['config']} on {r['gpus']} GPU(s) [{r['gpu_ids']}]\n{r['profile']}"
+                                     for r in profiles))
+        print(f"profiles -> {ppath}")
+    print_table(rows, name, peak, args, versions)
     print(f"-> {path}")
+
+
+def finish(rows: list[dict], peak: float | None) -> None:
+    """Add MFU, the ratio to the baseline (same GPU count; same GPU for parallel one-GPU rows) and weak scaling."""
+    ok = [r for r in rows if not r.get("failed")]
+    for r in ok:
+        r["mfu"] = r["tflops_per_gpu"] / peak if peak else None
+
+        def same_setup(b: dict, r: dict = r) -> bool:
+            return (b["template"] == "baseline" and b["gpus"] == r["gpus"] and b["preset"] == r["preset"]
+                    and b["micro_batch"] == r["micro_batch"])
+
+        bases = [b for b in ok if same_setup(b)]
+        base = next((b for b in bases if b["gpu_ids"] == r["gpu_ids"]), None) or (bases[0] if bases else None)
+        one = next((b for b in ok if b["config"] == r["config"] and b["gpus"] == 1), None)
+        r["baseline_gpu_ids"] = base["gpu_ids"] if base else None
+        r["ratio_to_baseline"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
+        r["weak_scaling"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"] if one else None
+
+
+def print_table(rows: list[dict], name: str, peak: float | None, args: argparse.Namespace, versions: dict) -> None:
+    peak_s = f"measured bf16 peak {peak:.0f} TFLOP/s" if peak else "no peak (CPU)"
+    print(f"\n{name}, {peak_s}, preset {args.preset}, seq {args.seq_len}; {versions}")
+    print(f"{'config':>34} {'GPUs':>4} {'GPU':>4} {'mb':>3} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} "
+          f"{'vs base':>8} {'weak':>6}")
+
+    def f(v, fmt):
+        return fmt.format(v) if v is not None else "-"
+
+    for r in rows:
+        if r.get("failed"):
+            print(f"{r['config']:>34} {r['gpus']:>4} {r['gpu_ids']:>4}  FAILED")
+            continue
+        print(f"{r['config']:>34} {r['gpus']:>4} {r['gpu_ids']:>4} {r['micro_batch']:>3} "
+              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['tflops_per_gpu']:>8.1f} {f(r['mfu'], '{:.1%}'):>6} "
+              f"{r['peak_mem_gib']:>8.1f} {f(r['ratio_to_baseline'], '{:.2f}x'):>8} {f(r['weak_scaling'], '{:.0%}'):>6}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts, e.g. 1,2,4")
     ap.add_argument("--configs", default="baseline,zero1_fp16,zero2_fp16,zero3_fp16,zero2_bf16",
-                    help=f"comma-separated, from {', '.join(CONFIGS)}")
+                    help="comma-separated configurations (see above)")
     ap.add_argument("--preset", default="124m", help="model and micro-batch from this preset")
-    ap.add_argument("--micro_batch", type=int, default=0, help="override the preset's micro-batch")
+    ap.add_argument("--micro_batch", type=int, default=0, help="override the preset's micro-batch for every row")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--compile", action="store_true", help="engine.compile() the DeepSpeed engine")
-    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--steps", type=int, default=24, help="timed optimizer steps")
+    ap.add_argument("--windows", type=int, default=3, help="timing windows the timed steps are split into")
+    ap.add_argument("--warmup", type=int, default=6, help="untimed optimizer steps first")
+    ap.add_argument("--parallel", action="store_true", help="one-GPU jobs side by side, one per visible GPU")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per job")
+    ap.add_argument("--budget", type=float, default=1e9, help="start no job after this many seconds")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke mode (see above)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench"), help="output folder")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for k in ("steps", "windows", "seq_len", "vocab"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k} must be positive")
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1 (the first step compiles and builds)")
     if args.worker:
         worker(args)
     else:
+        try:
+            [parse_config(s) for s in args.configs.split(",") if s]
+        except ValueError as e:
+            ap.error(str(e))
         driver(args)
 
 
