@@ -176,12 +176,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows]]
 
 
+def graphed_reference(models: dict[str, dict], ref: str) -> bool:
+    """True when every model has a CUDA-graph latency at ``ref``: the main table then uses it, since eager
+    latency of a small model on a GPU is mostly host launch time and varies by tens of percent between calls."""
+    return bool(models) and all("latency_graph_ms" in r["latency"].get(ref, {}) for r in models.values())
+
+
 def model_table(models: dict[str, dict], ref: str) -> list[str]:
     """The main table: one row per model, latency and speed-up at the reference shape ``ref``
-    (``b<batch>_t<seq>``)."""
+    (``b<batch>_t<seq>``); CUDA-graph latency where every model has one (:func:`graphed_reference`)."""
     rows = []
+    graphed = graphed_reference(models, ref)
     for name, r in models.items():
-        lat = r["latency"].get(ref, {})
+        lat = dict(r["latency"].get(ref, {}))
+        if graphed:
+            lat["latency_ms"], lat["speedup"] = lat["latency_graph_ms"], lat.get("speedup_graph")
         rows.append([
             f"**{name}**", f"{r['stage_dir']}" + (f" ({r['method']})" if r.get("method") else ""),
             _f(r["val_ppl"]), _pct(r.get("rel_ppl")), _int(r["params"]), _int(r["nonzero"]), _pct(r.get("rel_nonzero")),
@@ -191,7 +200,7 @@ def model_table(models: dict[str, dict], ref: str) -> list[str]:
         ])
     return _table(["model", "stage", "val ppl", "Δ ppl vs dense", "params", "non-zero", "Δ non-zero",
                    "sparsity linear / all", "size MB (safetensors)", "size MB (bitmask+values)",
-                   f"latency ms ({ref})", "speed-up", "generate tok/s"], rows)
+                   f"latency ms ({ref}{', CUDA graph' if graphed else ''})", "speed-up", "generate tok/s"], rows)
 
 
 def noisy(lat: dict[str, Any]) -> bool:
@@ -326,7 +335,9 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
     lines += ["## Summary", "", *summary_lines(models), "",
               "## Models", "", *model_table(models, ref), "",
               f"Δ: relative change against the dense model. Speed-up: dense latency / model latency at batch × seq len "
-              f"= {ref.replace('b', '').replace('_t', ' × ')}, measured in the same run (median of "
+              f"= {ref.replace('b', '').replace('_t', ' × ')}"
+              f"{', forward passes replayed from CUDA graphs (no host launch cost)' if graphed_reference(models, ref) else ''}"
+              f", measured in the same run (median of "
               f"{ev['config'].get('repeats')} after {ev['config'].get('warmup')} warm-up calls). Unstructured zeros "
               f"do not shrink dense safetensors; the bitmask + values column is the size a sparse format would take.",
               *(["", f"**Timings are noisy**: at {ref} some model's slowest repeat took over twice its fastest "

@@ -211,9 +211,9 @@ def compile_policy(setting: str, device_type: str, zero_stage: int) -> tuple[boo
     break the graph at every layer).  On CPU, inductor's compile time exceeds what a short run gains.
     """
     if setting == "on":
-        return True, "compile on (--compile on)"
+        return True, "compile on (compile=on)"
     if setting == "off":
-        return False, "compile off (--compile off)"
+        return False, "compile off (compile=off)"
     if device_type != "cuda":
         return False, f"compile off (auto: device {device_type}, not CUDA)"
     if zero_stage >= 3:

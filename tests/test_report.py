@@ -114,3 +114,22 @@ def test_tiny_preset_end_to_end(tmp_path):
     for png in (run / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert (run / "plots" / "loss_curves.png").exists()
+
+
+def test_main_table_uses_cuda_graph_latency_when_every_model_has_one():
+    from pipeline.report import graphed_reference, model_table
+
+    def row(eager, graph=None):
+        lat = {"latency_ms": eager, "speedup": 9.99}
+        if graph is not None:
+            lat.update(latency_graph_ms=graph, speedup_graph=2.0 / graph)
+        return {"stage_dir": "s", "val_ppl": 1.0, "params": 1, "nonzero": 1, "linear_sparsity": 0.0, "sparsity": 0.0,
+                "size_bytes": 1e6, "sparse_size_bytes": 1e6, "gen_tokens_per_s": 1.0, "latency": {"b1_t8": lat}}
+
+    models = {"dense": row(7.0, 2.0), "pruned": row(5.0, 1.0)}
+    assert graphed_reference(models, "b1_t8")
+    text = "\n".join(model_table(models, "b1_t8"))
+    assert "CUDA graph" in text and "| 1.00 | 2.00× |" in text and "9.99" not in text
+    models["pruned"] = row(5.0)  # one model without a graph: eager figures for all
+    assert not graphed_reference(models, "b1_t8")
+    assert "CUDA graph" not in "\n".join(model_table(models, "b1_t8"))
