@@ -19,6 +19,8 @@ PRUNE_ARGS   ?=
 DISTILL_ARGS ?=
 EVAL_ARGS    ?=
 REPORT_ARGS  ?=
+# make bench: engine against plain PyTorch on 1, 2 and 4 GPUs (counts above those visible are skipped)
+BENCH_ARGS   ?= --gpus 1,2,4 --parallel
 TB_PORT      ?= 6006
 PYTEST_ARGS  ?=
 VENV         ?= .venv
