@@ -36,7 +36,7 @@ from pipeline.tokens import BlockDataset, load_tokens
 
 #: fields that change how a run is driven, not what it computes (left out of the config hash)
 # settings that do not change what is computed (beyond rounding): a checkpoint resumes across them
-RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks")
+RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks", "watchdog_s")
 
 
 class TrainingHalted(RuntimeError):
@@ -84,6 +84,9 @@ class TrainConfig(CommonConfig):
     progress: bool = doc("Show a progress bar on rank 0.", True)
     halt_after_step: int = doc("Stop right after this step's checkpoint as if killed (resume drills); 0 = never.",
                                0)
+    watchdog_s: float = doc("Hang diagnosis: when one step (with its evaluation and checkpoint) or the export takes "
+                            "longer than this many seconds, every rank prints all its threads' Python stacks to "
+                            "stderr, again every as many seconds (0: off).", 0.0)
 
     def validate(self) -> list[str]:
         p = self.model.validate()
@@ -98,6 +101,8 @@ class TrainConfig(CommonConfig):
             p.append(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.watchdog_s < 0:
+            p.append(f"watchdog_s must be >= 0 (0: off), got {self.watchdog_s}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0 or self.peak_tflops < 0:
             p.append("weight_decay, grad_clip and peak_tflops must be >= 0 and eps > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -200,6 +205,25 @@ def causal_lm_loss(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[
     logits = model(input_ids=x).logits
     ce = compiled_token_cross_entropy if getattr(model, "compiled", False) else token_cross_entropy
     return ce(logits, y), {}
+
+
+def arm_watchdog(seconds: float, file: Any = None) -> None:
+    """(Re)start the hang watchdog: if it is not re-armed or disarmed within ``seconds``, print every thread's
+    Python stack to ``file`` (stderr), and again every ``seconds`` (``faulthandler.dump_traceback_later``).
+    Each rank prints its own stacks: in a collective hang the rank that is elsewhere is the answer.
+    ``seconds <= 0`` does nothing."""
+    if seconds > 0:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=file or sys.stderr)
+
+
+def disarm_watchdog() -> None:
+    """Stop the watchdog started by :func:`arm_watchdog` (no-op when none runs)."""
+    import faulthandler
+
+    faulthandler.cancel_dump_traceback_later()
 
 
 def compile_policy(setting: str, device_type: str, zero_stage: int) -> tuple[bool, str]:
@@ -538,6 +562,7 @@ def run_training(
     last_mfu = None
     try:
         while step < cfg.max_steps:
+            arm_watchdog(cfg.watchdog_s)  # restarted every step: covers the step, its evaluation and checkpoint
             lr_now = engine.lr()
             loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
             extras: dict[str, torch.Tensor] = {}
@@ -593,12 +618,14 @@ def run_training(
                 raise TrainingHalted(f"halted after step {step} (--halt_after_step); resume with --resume auto")
         if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
             val_loss, val_ppl = run_eval(step)
+        arm_watchdog(cfg.watchdog_s)
         model_dir = out_dir / "model"
         if rank == 0 and model_dir.exists():
             shutil.rmtree(model_dir)
         engine.export_hf(model_dir, data.tokenizer_dir)  # every rank
         dist.barrier()  # every rank
     finally:
+        disarm_watchdog()
         if bar is not None:
             bar.close()
         logger.close()

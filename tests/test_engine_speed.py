@@ -139,3 +139,31 @@ def test_bench_pretrain_refuses_unknown_configuration():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--configs",
                         "zero2_fp16+fast"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "unknown option '+fast'" in r.stderr
+
+
+def test_watchdog_prints_stacks_of_a_block_that_hangs(tmp_path):
+    """A block outliving the watchdog gets every thread's stack printed (naming the function it hangs in);
+    a block that ends in time prints nothing."""
+    import time
+
+    from pipeline.train import arm_watchdog, disarm_watchdog
+
+    def stuck_in_collective():
+        time.sleep(1.5)
+
+    out = tmp_path / "stacks.txt"
+    with open(out, "w") as f:
+        arm_watchdog(0.5, file=f)
+        try:
+            stuck_in_collective()
+        finally:
+            disarm_watchdog()
+    text = out.read_text()
+    assert "stuck_in_collective" in text and "Thread" in text
+    quiet = tmp_path / "quiet.txt"
+    with open(quiet, "w") as f:
+        arm_watchdog(5.0, file=f)
+        disarm_watchdog()
+    time.sleep(0.1)
+    assert quiet.read_text() == ""
+    arm_watchdog(0)  # off: nothing armed
