@@ -431,7 +431,11 @@ def prepare_teacher(model_dir: str | Any, dtype: torch.dtype, device: torch.devi
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+        from pipeline.engine import without_hf_zero3
+
+        # built whole on every rank whatever the launcher; ZeRO-3 partitions it in deepspeed.initialize below
+        with without_hf_zero3():
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
     model.eval()
     model.requires_grad_(False)
     full = _param_bytes(model, local=False)

@@ -308,7 +308,8 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = self.module.config
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        with without_hf_zero3():  # rank 0 alone: must not enter the collective deepspeed.zero.Init
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
         missing = [k for k in missing if k not in tied]
@@ -450,6 +451,30 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         engine = Engine(ds_engine, config, precision, "deepspeed", launcher)
     engine.foreach_checks = bool(foreach_checks) and use_foreach_grad_checks(ds_engine.optimizer)
     return engine
+
+
+@contextlib.contextmanager
+def without_hf_zero3():
+    """Let ``transformers`` build plain (unpartitioned) models while the block runs.
+
+    Accelerate's DeepSpeed plugin registers its DeepSpeed config with ``transformers`` (an
+    ``HfDeepSpeedConfig``, held in ``transformers.integrations.deepspeed``).  With ZeRO-3 registered, every
+    ``from_config``/``from_pretrained`` then builds its model inside ``deepspeed.zero.Init``, which partitions
+    each parameter as it is made, a collective (a broadcast per parameter).  A model built on one rank only
+    (the export's copy on rank 0) then waits forever for ranks that are elsewhere.  That was seen under
+    ``accelerate launch`` with 2 processes and ZeRO-3, on an H200 and on CPU.  The ``deepspeed`` launcher
+    registers no such config.  Inside this block the registration is lifted and then restored."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 @contextlib.contextmanager

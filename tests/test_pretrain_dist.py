@@ -162,3 +162,33 @@ def test_data_parallel_gradient_equals_single_process(tiny_run, tmp_path):
     for stage in ("2", "3"):
         assert res[stage]["samples"] == 8 and res[stage]["n_params"] > 5
         assert res[stage]["worst_rel_err"] < 1e-5, res
+
+
+def test_accelerate_two_processes_zero3_train_and_export(tiny_run):
+    """``accelerate launch`` with 2 processes and ZeRO-3 runs to the end and exports.
+
+    Regression: Accelerate registers its DeepSpeed config with transformers, so the export's model copy, made
+    on rank 0 only, was built inside the collective ``deepspeed.zero.Init`` and waited forever (seen on an H200
+    and here).  A watchdog turns a hang into printed stacks and the timeout into a failure."""
+    results, run = tiny_run
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "ds_configs/accelerate/zero3.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "scripts/pretrain.py", "--run", run,
+           "--results_dir", str(results), "--preset", "tiny", "--ds_config", "ds_configs/zero3_fp16.json",
+           "--max_steps", "6", "--log_interval", "2", "--eval_interval", "3", "--save_interval", "6",
+           "--sample_tokens", "4", "--progress", "false", "--watchdog_s", "60"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    _check(p)
+    out = results / run / "02_pretrain"
+    m = read_manifest(out)
+    o = m["outputs"]
+    assert (o["world_size"], o["launcher"], o["backend"], o["zero_stage"]) == (2, "accelerate", "accelerate", 3)
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tokens import BlockDataset, load_tokens
+    from pipeline.train import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    loss, _, _ = evaluate(model, BlockDataset(load_tokens(results / run / "01_data", "val"), 64), 4, "cpu")
+    assert loss == pytest.approx(m["metrics"]["val_loss"], rel=2e-2)  # bf16 engine, fp32 export
