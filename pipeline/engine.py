@@ -377,7 +377,6 @@ def use_foreach_grad_checks(optimizer: Any) -> bool:
             return DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, gradients, params, norm_type)
         grads = [g for g in gradients if not getattr(g, "_zero_padding", False) and g.numel() > 0]
         total = _norms(grads).square().sum() if grads else torch.zeros((), device=optimizer.device)
-        total = total.to(torch.float32)
         ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)  # every rank
         total = total.sqrt()
         mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)

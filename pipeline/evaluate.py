@@ -289,19 +289,25 @@ def size_stats(model: nn.Module, model_dir: str | Path, masks: str | Path | None
 # timing
 
 
-def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> list[float]:
+def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: str,
+            reset: Callable[[], Any] | None = None) -> list[float]:
     """Wall time of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls.
 
     CUDA: each call between two ``torch.cuda.Event`` records, read after one synchronize (device time
     of the work queued by the call, host overhead included when the GPU waits on the host).
-    CPU: ``time.perf_counter`` around each call.
+    CPU: ``time.perf_counter`` around each call.  ``reset``, when given, runs before every call (warm-up
+    ones included), outside the timed span: e.g. cropping a KV cache back so every decode step sees the
+    same length.
     """
+    reset = reset or (lambda: None)
     for _ in range(warmup):
+        reset()
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
+            reset()
             start.record()
             fn()
             end.record()
@@ -309,6 +315,7 @@ def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> li
         return [s.elapsed_time(e) for s, e in events]
     out = []
     for _ in range(repeats):
+        reset()
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e3)

@@ -10,6 +10,7 @@ after every applied optimizer step with ``after_step(engine)``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -174,7 +175,9 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-_compiled_ce: Callable | None = None
+@functools.cache
+def _compiled_ce() -> Callable:
+    return torch.compile(token_cross_entropy)  # compiles at its first call, once per input shape
 
 
 def compiled_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -182,10 +185,7 @@ def compiled_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) ->
     gather into kernels that read the fp16/bf16 logits once, instead of eager mode's fp32 copy of the whole
     ``(B·T, V)`` logits (1 GiB at 16k tokens × 16k vocabulary) plus an fp32 log-softmax of the same size, in
     the forward and again in the backward.  Same result up to fp32 rounding order."""
-    global _compiled_ce
-    if _compiled_ce is None:
-        _compiled_ce = torch.compile(token_cross_entropy)
-    return _compiled_ce(logits, targets)
+    return _compiled_ce()(logits, targets)
 
 
 def causal_lm_loss(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -224,6 +224,35 @@ def disarm_watchdog() -> None:
     import faulthandler
 
     faulthandler.cancel_dump_traceback_later()
+
+
+def resolve_run_ds_config(cfg: TrainConfig, template: str | Path | dict, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config of a run: ``template`` resolved (:func:`pipeline.ds_config.resolve_ds_config`) from
+    ``cfg``'s micro-batch, accumulation, AdamW settings, clipping and ZeRO stage.
+
+    Raises:
+        DSConfigError: as :func:`pipeline.ds_config.resolve_ds_config`.
+    """
+    from pipeline.ds_config import resolve_ds_config
+
+    return resolve_ds_config(
+        template, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=world_size,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, grad_clip=cfg.grad_clip,
+        precision=precision, zero_stage=cfg.zero_stage)
+
+
+def build_training_engine(model: torch.nn.Module, cfg: TrainConfig, resolved: dict, precision: str,
+                          lr_lambda: Callable[[int], float], launcher: str, device_type: str) -> tuple[Engine, str]:
+    """The training engine as the stages run it: :func:`pipeline.engine.build_engine` with ``cfg``'s AdamW
+    settings and ``--foreach_checks``, compiled when :func:`compile_policy` says so.  Returns the engine and
+    one log line saying what was chosen.  Every rank must call this."""
+    engine = build_engine(model, resolved, precision, lr_lambda,
+                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
+                          launcher, foreach_checks=cfg.foreach_checks)
+    use_compile, why = compile_policy(cfg.compile, device_type, engine.zero_stage)
+    if use_compile:
+        engine.compile()  # every rank
+    return engine, f"{why}; multi-tensor overflow/norm checks {'on' if engine.foreach_checks else 'off'}"
 
 
 def compile_policy(setting: str, device_type: str, zero_stage: int) -> tuple[bool, str]:
@@ -438,7 +467,7 @@ def run_training(
         FP16HealthError: the fp16 loss scale hit its minimum, or too many steps overflowed.
         TrainingHalted: after the checkpoint of ``cfg.halt_after_step``.
     """
-    from pipeline.ds_config import resolve_ds_config, resolve_precision, template_from_env, write_resolved
+    from pipeline.ds_config import resolve_precision, template_from_env, write_resolved
 
     t_start = time.time()
     loss_fn = loss_fn or causal_lm_loss
@@ -451,10 +480,7 @@ def run_training(
     precision, note = resolve_precision(cfg.precision, dev_type)
     # under `accelerate launch`, the template its yaml names (deepspeed_config_file) is the one chosen
     template = template_from_env(cfg.ds_config) if launcher == "accelerate" else cfg.ds_config
-    resolved = resolve_ds_config(
-        template, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=world,
-        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, grad_clip=cfg.grad_clip,
-        precision=precision, zero_stage=cfg.zero_stage)
+    resolved = resolve_run_ds_config(cfg, template, world, precision)
     sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed)
     if len(data.val) < 1:
         raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a larger "
@@ -501,13 +527,8 @@ def run_training(
         _log("train/mfu is not logged: the device's peak TFLOP/s is unknown; pass --peak_tflops")
 
     schedule = WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    engine = build_engine(model, resolved, precision, schedule,
-                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
-                          launcher, foreach_checks=cfg.foreach_checks)
-    use_compile, why = compile_policy(cfg.compile, dev_type, engine.zero_stage)
-    _log(f"{why}; multi-tensor overflow/norm checks {'on' if engine.foreach_checks else 'off'}")
-    if use_compile:
-        engine.compile()  # every rank
+    engine, speed_note = build_training_engine(model, cfg, resolved, precision, schedule, launcher, dev_type)
+    _log(speed_note)
     for m in (extra_modules or {}).values():
         m.to(device=engine.device, dtype=engine.dtype).eval()
     if on_engine is not None:

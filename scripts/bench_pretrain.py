@@ -46,7 +46,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -128,7 +130,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import parse_cli
     from pipeline.model import build_model, count_params, flops_per_token
-    from pipeline.train import TrainConfig, causal_lm_loss, compiled_token_cross_entropy
+    from pipeline.train import TrainConfig, causal_lm_loss, compiled_token_cross_entropy, token_cross_entropy
 
     template, opts = parse_config(args.config)
     preset = opts.get("preset", args.preset)
@@ -155,24 +157,23 @@ def worker(args: argparse.Namespace) -> None:
         cmodel = torch.compile(ddp) if cuda else ddp
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                 fused=cuda)
-        ce = compiled_token_cross_entropy if cuda else None
+        ce = compiled_token_cross_entropy if cuda else token_cross_entropy
         info.update(compiled=cuda)
 
         def step(batch):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 x, y = batch[:, :-1], batch[:, 1:]
                 logits = cmodel(input_ids=x).logits
-            loss = ce(logits, y) if ce else torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            loss = ce(logits, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
     else:  # this project's engine, built as scripts/pretrain.py builds it
-        from pipeline.ds_config import load_template, resolve_ds_config
-        from pipeline.engine import build_engine, device_type, init_distributed
-        from pipeline.train import compile_policy
+        from pipeline.ds_config import load_template
+        from pipeline.engine import device_type, init_distributed
+        from pipeline.train import build_training_engine, resolve_run_ds_config
 
         launcher = init_distributed()
         world = tdist.get_world_size()
@@ -190,16 +191,11 @@ def worker(args: argparse.Namespace) -> None:
             "enabled") else "fp32"
         if not cuda and precision == "fp16":
             raise SystemExit(f"{args.config}: fp16 does not run on DeepSpeed's CPU accelerator")
-        dsc = resolve_ds_config(tpl, micro_batch_size=mb, grad_accum=1, world_size=world, lr=cfg.lr,
-                                weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps,
-                                grad_clip=cfg.grad_clip, precision=precision)
-        engine = build_engine(model, dsc, precision, lambda s: 1.0,
-                              dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
-                              launcher, foreach_checks=not opts.get("noforeach"))
-        setting = "on" if (opts.get("compile") or opts.get("deepcompile")) else "off" if opts.get("eager") else "auto"
-        use_compile, why = compile_policy(setting, device_type(), engine.zero_stage)
-        if use_compile:
-            engine.compile()
+        cfg.micro_batch_size, cfg.grad_accum = mb, 1
+        cfg.foreach_checks = not opts.get("noforeach")
+        cfg.compile = "on" if (opts.get("compile") or opts.get("deepcompile")) else "off" if opts.get("eager") else "auto"
+        dsc = resolve_run_ds_config(cfg, tpl, world, precision)
+        engine, why = build_training_engine(model, cfg, dsc, precision, lambda s: 1.0, launcher, device_type())
         info.update(compiled=engine.compiled, compile_policy=why, foreach_checks=engine.foreach_checks,
                     zero_optimization=dsc.get("zero_optimization"))
 
@@ -251,47 +247,61 @@ def worker(args: argparse.Namespace) -> None:
     tdist.destroy_process_group()
 
 
-def _job(spec: str, n: int, args: argparse.Namespace, out_dir: Path, gpu: int | None) -> tuple[subprocess.Popen, Path,
-                                                                                             float]:
-    tag = f"{spec}-{n}-{gpu}".replace("+", "_").replace("=", "")
-    tmp = out_dir / f".row-{tag}.json"
-    tmp.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
-           "--worker", "--config", spec, "--out", str(tmp), "--preset", args.preset, "--vocab", str(args.vocab),
-           "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--windows", str(args.windows), "--device", args.device]
-    if args.micro_batch:
-        cmd += ["--micro_batch", str(args.micro_batch)]
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    if args.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    log = open(out_dir / f".log-{tag}.txt", "w")  # noqa: SIM115 - closed by the caller through the process
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    p._log = log  # type: ignore[attr-defined]
-    p._logpath = Path(log.name)  # type: ignore[attr-defined]
-    return p, tmp, time.time()
+@dataclass
+class Job:
+    """One ``torchrun`` worker job: what it measures, its process, where its row and its output go."""
 
+    spec: str
+    gpus: int
+    gpu: int | None  # the one visible GPU of a side-by-side one-GPU job, else None (all visible)
+    proc: subprocess.Popen
+    row_path: Path
+    log_path: Path
+    log_file: Any
+    t0: float
 
-def _collect(p: subprocess.Popen, tmp: Path, t0: float, spec: str, n: int, gpu: int | None, timeout: float) -> dict:
-    try:
-        p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    p._log.close()  # type: ignore[attr-defined]
-    log = p._logpath.read_text(errors="replace")  # type: ignore[attr-defined]
-    p._logpath.unlink(missing_ok=True)  # type: ignore[attr-defined]
-    if p.returncode != 0 or not tmp.exists():
-        print(f"FAILED {spec} on {n} GPU(s){'' if gpu is None else f' (GPU {gpu})'} rc {p.returncode}:\n"
-              f"{log[-2500:]}", flush=True)
-        return dict(config=spec, gpus=n, gpu_ids=str(gpu) if gpu is not None else "all", failed=True,
-                    error=log[-2000:])
-    row = json.loads(tmp.read_text())
-    tmp.unlink()
-    row["wall_s"] = time.time() - t0
-    return row
+    @classmethod
+    def start(cls, spec: str, n: int, args: argparse.Namespace, out_dir: Path, gpu: int | None) -> Job:
+        tag = f"{spec}-{n}-{gpu}".replace("+", "_").replace("=", "")
+        row_path = out_dir / f".row-{tag}.json"
+        row_path.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               "--worker", "--config", spec, "--out", str(row_path), "--preset", args.preset, "--vocab",
+               str(args.vocab), "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--windows", str(args.windows), "--device", args.device]
+        if args.micro_batch:
+            cmd += ["--micro_batch", str(args.micro_batch)]
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if args.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        log_path = out_dir / f".log-{tag}.txt"
+        log_file = open(log_path, "w")  # noqa: SIM115 - closed in collect()
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
+        return cls(spec, n, gpu, proc, row_path, log_path, log_file, time.time())
+
+    def collect(self, timeout: float) -> dict:
+        """Wait for the job (killed once ``timeout`` seconds after its start) and return its row, or a
+        ``failed`` row holding the end of its output."""
+        try:
+            self.proc.wait(timeout=max(1.0, timeout - (time.time() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+        log = self.log_path.read_text(errors="replace")
+        self.log_path.unlink(missing_ok=True)
+        if self.proc.returncode != 0 or not self.row_path.exists():
+            where = "" if self.gpu is None else f" (GPU {self.gpu})"
+            print(f"FAILED {self.spec} on {self.gpus} GPU(s){where} rc {self.proc.returncode}:\n{log[-2500:]}",
+                  flush=True)
+            return dict(config=self.spec, gpus=self.gpus, gpu_ids=str(self.gpu) if self.gpu is not None else "all",
+                        failed=True, error=log[-2000:])
+        row = json.loads(self.row_path.read_text())
+        self.row_path.unlink()
+        row["wall_s"] = time.time() - self.t0
+        return row
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -343,7 +353,7 @@ def driver(args: argparse.Namespace) -> None:
             queue = [(s, g) for s in specs if s.split("+")[0] == "baseline" and "+" not in s
                      for g in range(n_visible)]
             queue += [(s, None) for s in specs if not (s.split("+")[0] == "baseline" and "+" not in s)]
-            running: dict[int, tuple] = {}
+            running: dict[int, Job] = {}
             while queue or running:
                 for g in range(n_visible):
                     if g in running or not queue or time.time() - t_start > args.budget:
@@ -352,15 +362,15 @@ def driver(args: argparse.Namespace) -> None:
                     if idx is None:
                         continue
                     s, _ = queue.pop(idx)
-                    running[g] = (s, *_job(s, 1, args, out_dir, g))
+                    running[g] = Job.start(s, 1, args, out_dir, g)
                 if not running:
                     if queue:
                         print(f"skip {[s for s, _ in queue]}: --budget {args.budget} s spent", flush=True)
                     break
                 time.sleep(1)
-                for g, (s, p, tmp, t0) in list(running.items()):
-                    if p.poll() is not None or time.time() - t0 > args.timeout:
-                        row = _collect(p, tmp, t0, s, 1, g, args.timeout)
+                for g, job in list(running.items()):
+                    if job.proc.poll() is not None or time.time() - job.t0 > args.timeout:
+                        row = job.collect(args.timeout)
                         rows.append(row)
                         del running[g]
                         save()
@@ -370,8 +380,7 @@ def driver(args: argparse.Namespace) -> None:
                 if time.time() - t_start > args.budget:
                     print(f"skip {s} on {n} GPUs: --budget {args.budget} s spent", flush=True)
                     continue
-                p, tmp, t0 = _job(s, n, args, out_dir, None)
-                row = _collect(p, tmp, t0, s, n, None, args.timeout)
+                row = Job.start(s, n, args, out_dir, None).collect(args.timeout)
                 rows.append(row)
                 save()
                 report(row)

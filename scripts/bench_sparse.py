@@ -340,30 +340,6 @@ def _free(device: str, sync: bool = False) -> None:
             print(f"  (freeing CUDA memory failed: {_error(e)})", flush=True)
 
 
-def _time_decode(step, reset, warmup: int, repeats: int, device: str) -> list[float]:
-    """Like :func:`pipeline.evaluate.time_ms`, but ``reset()`` runs before every call, outside the timed span."""
-    for _ in range(warmup):
-        reset()
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            reset()
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in events]
-    out = []
-    for _ in range(repeats):
-        reset()
-        t0 = time.perf_counter()
-        step()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 @torch.inference_mode()
 def measure_prefill(model, vocab: int, args: argparse.Namespace, base: dict[str, Any]) -> list[dict]:
     """Prefill rows (eager, and graph on CUDA) for every (batch, seq_len); ``base`` fills the common fields."""
@@ -423,7 +399,7 @@ def measure_decode(model, vocab: int, args: argparse.Namespace, base: dict[str, 
         step = partial(model, input_ids=next_ids, use_cache=True, **{ckw: cache})
         row = {**common, "mode": "eager"}
         try:
-            row.update(_stats(_time_decode(step, partial(_crop_to, cache, ctx), args.warmup, args.repeats, dev), b))
+            row.update(_stats(time_ms(step, args.warmup, args.repeats, dev, reset=partial(_crop_to, cache, ctx)), b))
         except Exception as e:  # noqa: BLE001
             row["error"] = _error(e)
             _free(dev)
