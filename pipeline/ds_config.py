@@ -8,7 +8,8 @@ itself silently ignores unknown top-level keys (it reads the raw dict with ``dic
 
 The allowed keys come from DeepSpeed's own pydantic config models where it has them
 (``DeepSpeedZeroConfig`` and its offload / ZenFlow / leaf-module sub-models, ``DeepSpeedFP16Config``,
-``DeepSpeedBF16Config``, the monitor, comms-logger and compile configs; field names and aliases),
+``DeepSpeedBF16Config``, the monitor, comms-logger, compile and throughput-timer configs; field names and
+aliases),
 from DeepSpeed's key constants and defaults dicts for the sections it reads by hand, and from the
 constructor signatures of the Adam implementations DeepSpeed may build for ``"type": "AdamW"``.
 
@@ -147,6 +148,7 @@ def allowed_schema() -> dict[str, Any]:
     from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT, ACT_CHKPT_DEFAULT
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils.config import TIMERS, TIMERS_THROUGHPUT, DeepSpeedThroughputTimerConfig
 
     # top-level scalar keys DeepSpeed reads from the raw dict (deepspeed/runtime/config.py,
     # DeepSpeedConfig._initialize_params); taken from its constants module so the spelling is its own
@@ -170,6 +172,7 @@ def allowed_schema() -> dict[str, Any]:
         "comet": _model_schema(CometConfig),
         "comms_logger": _model_schema(CommsLoggerConfig),
         "compile": _model_schema(CompileConfig),
+        TIMERS: {TIMERS_THROUGHPUT: _model_schema(DeepSpeedThroughputTimerConfig)},
         ACT_CHKPT: {k: None for k in ACT_CHKPT_DEFAULT},
         prof_c.FLOPS_PROFILER: {getattr(prof_c, n): None for n in dir(prof_c)
                                 if n.startswith("FLOPS_PROFILER_") and not n.endswith("_DEFAULT")},

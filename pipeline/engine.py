@@ -116,11 +116,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass
 class StepResult:
-    """What one optimizer step did (read on every rank; identical on all)."""
+    """What one optimizer step did (read on every rank; identical on all).
+
+    ``applied`` and ``loss_scale`` are host values DeepSpeed already has.  The gradient norm stays on the
+    device until :attr:`grad_norm` is read: reading it waits for the optimizer step's kernels (a host
+    synchronisation), so the training loop reads it only on the steps it logs.
+    """
 
     applied: bool          # False: skipped because of an fp16 overflow
     loss_scale: float      # loss scale after the step (1.0 without fp16)
-    grad_norm: float | None  # global gradient norm before clipping (None when DeepSpeed did not compute one)
+    grad_norm_value: Any = None  # DeepSpeed's global norm: a 0-d tensor, a float, or None
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global L2 norm of the gradients before clipping (None when DeepSpeed did not compute one)."""
+        g = self.grad_norm_value
+        if g is None:
+            return None
+        return float(g.item() if torch.is_tensor(g) else g)
 
 
 class Engine:
@@ -201,9 +214,12 @@ class Engine:
         return self.ds.is_gradient_accumulation_boundary()
 
     def last_step(self) -> StepResult:
-        """The result of the optimizer step just taken (call right after the boundary :meth:`step`)."""
+        """The result of the optimizer step just taken (call right after the boundary :meth:`step`).
+
+        No host synchronisation: the gradient norm is read from the device only when
+        ``StepResult.grad_norm`` is accessed."""
         return StepResult(applied=bool(self.ds.was_step_applied()), loss_scale=self.loss_scale(),
-                          grad_norm=self.grad_norm())
+                          grad_norm_value=self.ds.get_global_grad_norm())
 
     def loss_scale(self) -> float:
         """Current loss scale (1.0 without fp16)."""
@@ -215,13 +231,6 @@ class Engine:
             if v is not None:
                 return float(v)
         return 1.0
-
-    def grad_norm(self) -> float | None:
-        """Global L2 norm of the gradients of the last step, before clipping (``engine.get_global_grad_norm``)."""
-        g = self.ds.get_global_grad_norm()
-        if g is None:
-            return None
-        return float(g.item() if torch.is_tensor(g) else g)
 
     @property
     def skipped_steps(self) -> int:

@@ -5,7 +5,9 @@
   (a 4-layer LLaMA of width 256, about 4M parameters).
 - ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, about 110M parameters
   with the 16k-token vocabulary; GPT-2's own 124M counts its 50k vocabulary).
-- ``350m``: 24 layers, width 1024 (about 360M parameters).
+- ``350m``: 24 layers, width 1024 (about 325M parameters with the 16k vocabulary).
+- ``1b``: 20 layers, width 2048, 16 heads of 128 (about 1.06B parameters; TinyLlama-1.1B's width and MLP with
+  fewer layers and full multi-head attention); for the MFU measurements of ``scripts/bench_pretrain.py``.
 
 Model sizes follow GPT-2's small/medium shapes (Radford et al., 2019) with LLaMA's SwiGLU MLP width
 of about 8/3·d rounded to a multiple of 256 (Touvron et al., 2023).
@@ -56,6 +58,18 @@ PRESETS: dict[str, dict[str, dict]] = {
         "pretrain": {
             "model": {"arch": "llama", "n_layer": 24, "d_model": 1024, "n_head": 16, "n_kv_head": 16, "d_ff": 2816},
             "micro_batch_size": 8, "grad_accum": 1, "max_steps": 300, "lr": 3e-4, "warmup_steps": 30,
+            "eval_interval": 100, "save_interval": 100, "log_interval": 10,
+        },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 8, "max_steps": 100, "lr": 1e-4, "warmup_steps": 10,
+                    "eval_interval": 50, "save_interval": 50, "log_interval": 10},
+        "eval": {"batch_sizes": [1, 8], "seq_lens": [1024], "repeats": 10, "gen_tokens": 64},
+    },
+    "1b": {
+        "data": {"vocab_size": 16384, "seq_len": 1024, "val_fraction": 0.05},
+        "pretrain": {
+            "model": {"arch": "llama", "n_layer": 20, "d_model": 2048, "n_head": 16, "n_kv_head": 16, "d_ff": 5632},
+            "micro_batch_size": 8, "grad_accum": 1, "max_steps": 300, "lr": 2e-4, "warmup_steps": 30,
             "eval_interval": 100, "save_interval": 100, "log_interval": 10,
         },
         "prune": {"sparsity": 0.5},

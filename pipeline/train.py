@@ -73,7 +73,7 @@ class TrainConfig(CommonConfig):
     resume: str = doc("'auto' (newest complete checkpoint, else from scratch), 'none', or a checkpoint dir.", "auto")
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the model and the loss (DeepSpeed engine.compile); auto = on for CUDA with ZeRO stage 0-2, "
-        "off for ZeRO-3 and off the GPU (see compile_policy).", "auto")
+        "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; off the GPU off (see compile_policy).", "auto")
     foreach_checks: bool = doc("Multi-tensor fp16 overflow and gradient-norm checks for ZeRO-1/2 "
                                "(pipeline.engine.use_foreach_grad_checks).", True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
@@ -249,28 +249,35 @@ def build_training_engine(model: torch.nn.Module, cfg: TrainConfig, resolved: di
     engine = build_engine(model, resolved, precision, lr_lambda,
                           dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
                           launcher, foreach_checks=cfg.foreach_checks)
-    use_compile, why = compile_policy(cfg.compile, device_type, engine.zero_stage)
+    deepcompile = bool((resolved.get("compile") or {}).get("deepcompile"))
+    use_compile, why = compile_policy(cfg.compile, device_type, engine.zero_stage, deepcompile)
     if use_compile:
         engine.compile()  # every rank
     return engine, f"{why}; multi-tensor overflow/norm checks {'on' if engine.foreach_checks else 'off'}"
 
 
-def compile_policy(setting: str, device_type: str, zero_stage: int) -> tuple[bool, str]:
-    """Whether to ``torch.compile`` the model, and why (one line for the log).
+def compile_policy(setting: str, device_type: str, zero_stage: int, deepcompile: bool = False) -> tuple[bool, str]:
+    """Whether to compile the model (``engine.compile()``), and why (one line for the log).
 
-    ``auto`` compiles on CUDA for ZeRO stages 0-2 and not for ZeRO-3 or off the GPU.  Measured on one H200
-    (shared/gpu/NOTES.md, DeepSpeed 0.19.8, PyTorch 2.11, GPT-2 124M shape): ZeRO-2 fp16 174 -> 214 TFLOP/s
-    with ``engine.compile()``, ZeRO-1 likewise faster; ZeRO-3 101 -> 53 (its parameter-gathering hooks
-    break the graph at every layer).  On CPU, inductor's compile time exceeds what a short run gains.
+    ``auto`` compiles on CUDA for ZeRO stages 0-2 (``torch.compile``, inductor), and for ZeRO-3 only when the
+    DeepSpeed config turns DeepCompile on (``"compile": {"deepcompile": true}``, as ``ds_configs/zero3_fp16.json``
+    does); never off the GPU.  Measured on one H200 (``results/bench/NOTES.md``, DeepSpeed 0.19.8, PyTorch 2.11,
+    124m preset): ZeRO-2 fp16 0.39x -> 0.64x of the plain PyTorch baseline with compile; ZeRO-3 fp16 eager
+    88.5k tok/s, plain ``torch.compile`` no better (its parameter-gathering hooks break the graph at every
+    module), DeepCompile 306k (0.77x of ZeRO-2 in the same run).  On CPU, inductor's compile time exceeds what a
+    short run gains, and DeepCompile needs CUDA.
     """
     if setting == "on":
-        return True, "compile on (compile=on)"
+        return True, "compile on (compile=on)" + (", DeepCompile" if deepcompile else "")
     if setting == "off":
         return False, "compile off (compile=off)"
     if device_type != "cuda":
         return False, f"compile off (auto: device {device_type}, not CUDA)"
-    if zero_stage >= 3:
-        return False, "compile off (auto: ZeRO-3 runs slower compiled, 53 vs 101 TFLOP/s measured on an H200)"
+    if zero_stage >= 3 and not deepcompile:
+        return False, ("compile off (auto: ZeRO-3 without DeepCompile; its hooks break torch.compile's graph at every "
+                       "module; set \"compile\": {\"deepcompile\": true} in the DeepSpeed config)")
+    if deepcompile:
+        return True, f"compile on (auto: CUDA, ZeRO stage {zero_stage}, DeepCompile)"
     return True, f"compile on (auto: CUDA, ZeRO stage {zero_stage})"
 
 
@@ -346,7 +353,8 @@ def generate_sample(engine: Engine, tokenizer: Any, prompt: str, n_tokens: int, 
     g = torch.Generator(device="cpu").manual_seed(seed)
     with eval_mode(engine):
         for _ in range(n_tokens):
-            logits = model(input_ids=ids[:, -max_pos:]).logits[0, -1].float().cpu()
+            # through the DeepSpeed engine's forward: under DeepCompile's ZeRO-3 only it gathers the parameters
+            logits = engine.ds(input_ids=ids[:, -max_pos:]).logits[0, -1].float().cpu()
             v, i = torch.topk(logits / temperature, min(top_k, logits.numel()))
             nxt = i[torch.multinomial(torch.softmax(v, -1), 1, generator=g)].to(engine.device)
             if tdist.is_initialized() and tdist.get_world_size() > 1:
@@ -578,6 +586,7 @@ def run_training(
         return loss, ppl
 
     engine.train()
+    pin = engine.device.type == "cuda"
     val_loss = val_ppl = float("nan")
     t_log, steps_since_log, tps_sum, tps_n = time.perf_counter(), 0, 0.0, 0
     last_mfu = None
@@ -588,7 +597,10 @@ def run_training(
             loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
             extras: dict[str, torch.Tensor] = {}
             for idx in sampler.next_step():
-                batch = torch.stack([data.train[i] for i in idx]).to(engine.device, non_blocking=True)
+                batch = torch.stack([data.train[i] for i in idx])
+                if pin:  # page-locked, so the copy is asynchronous and the host goes on queueing work
+                    batch = batch.pin_memory()
+                batch = batch.to(engine.device, non_blocking=True)
                 loss, extra = loss_fn(engine, batch)
                 engine.backward(loss)
                 engine.step()
@@ -613,8 +625,9 @@ def run_training(
                 tps = global_tokens * steps_since_log / max(now - t_log, 1e-9)
                 row = {"train/loss": vals[0].item(), "train/lr": lr_now, "train/loss_scale": res.loss_scale,
                        "train/skipped_steps": engine.skipped_steps, "train/tokens_per_s": tps}
-                if res.grad_norm is not None:
-                    row["train/grad_norm"] = res.grad_norm
+                grad_norm = res.grad_norm  # read from the device on logged steps only (a host synchronisation)
+                if grad_norm is not None:
+                    row["train/grad_norm"] = grad_norm
                 if peak:
                     last_mfu = mfu(tps, fpt, peak, world)
                     row["train/mfu"] = last_mfu

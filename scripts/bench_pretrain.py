@@ -14,6 +14,15 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
 - ``+bucket=N``: ZeRO ``reduce_bucket_size`` and ``allgather_bucket_size`` N elements;
 - ``+nooverlap``: ZeRO ``overlap_comm`` false;
 - ``+deepcompile``: DeepSpeed's DeepCompile (``"compile": {"deepcompile": true}``), compiled;
+- ``+nodeepcompile``: DeepCompile off (``zero3_fp16`` turns it on) and, by the product's policy, ZeRO-3 eager;
+- ``+noreducescatter``: ZeRO-1/2 ``reduce_scatter`` false (one all-reduce of each bucket);
+- ``+leaf``: ZeRO-3 ``leaf_module.classes`` = the decoder-layer classes (:data:`LEAF_CLASSES`): each layer is
+  gathered and released as one unit, with one set of hooks, instead of per linear layer;
+- ``+prefetch=N`` / ``+persist=N``: ZeRO-3 ``stage3_prefetch_bucket_size`` / ``stage3_param_persistence_threshold``;
+- ``+timers``: DeepSpeed's synchronised throughput timer on (its default; the templates turn it off);
+- ``+bf16``: the template's precision switched to bf16 (fp16 off);
+- ``+syncnorm``: read the gradient norm back after every step (a host synchronisation), as the training loop
+  did before it read it on logged steps only;
 - ``+mb=N``: micro-batch N instead of the preset's (also valid for ``baseline``);
 - ``+preset=NAME``: another preset's model (e.g. ``350m``) (also valid for ``baseline``);
 - ``+profile``: after timing, profile 3 steps with ``torch.profiler`` (top kernels and host ops, GPU busy share).
@@ -40,6 +49,7 @@ compile, tiny preset): it checks the script, not the hardware.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -53,7 +63,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-OPTIONS = ("eager", "compile", "noforeach", "bucket", "nooverlap", "deepcompile", "mb", "preset", "profile")
+OPTIONS = ("eager", "compile", "noforeach", "bucket", "nooverlap", "deepcompile", "nodeepcompile", "noreducescatter",
+           "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile")
+NUMERIC = ("bucket", "mb", "prefetch", "persist")
+#: decoder-layer classes that ``+leaf`` makes ZeRO-3 leaf modules (classes absent from the model are ignored)
+LEAF_CLASSES = ["transformers.models.llama.modeling_llama.LlamaDecoderLayer",
+                "transformers.models.gpt2.modeling_gpt2.GPT2Block"]
 
 
 def parse_config(spec: str) -> tuple[str, dict]:
@@ -70,7 +85,7 @@ def parse_config(spec: str) -> tuple[str, dict]:
         key, _, val = o.partition("=")
         if key not in OPTIONS:
             raise ValueError(f"unknown option '+{key}' in '{spec}'; options: {', '.join(OPTIONS)}")
-        if key in ("bucket", "mb"):
+        if key in NUMERIC:
             out[key] = int(float(val))
         elif key == "preset":
             out[key] = val
@@ -185,10 +200,20 @@ def worker(args: argparse.Namespace) -> None:
                 zo["allgather_bucket_size"] = opts["bucket"]
         if opts.get("nooverlap"):
             zo["overlap_comm"] = False
-        if opts.get("deepcompile"):
-            tpl["compile"] = {"deepcompile": True}
-        precision = "bf16" if tpl.get("bf16", {}).get("enabled") else "fp16" if tpl.get("fp16", {}).get(
-            "enabled") else "fp32"
+        if opts.get("deepcompile") or opts.get("nodeepcompile"):
+            tpl["compile"] = {"deepcompile": bool(opts.get("deepcompile"))}
+        if opts.get("noreducescatter"):
+            zo["reduce_scatter"] = False
+        if opts.get("leaf"):
+            zo["leaf_module"] = {"classes": LEAF_CLASSES}
+        if "prefetch" in opts:
+            zo["stage3_prefetch_bucket_size"] = opts["prefetch"]
+        if "persist" in opts:
+            zo["stage3_param_persistence_threshold"] = opts["persist"]
+        if opts.get("timers"):
+            tpl["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+        precision = "bf16" if tpl.get("bf16", {}).get("enabled") or opts.get("bf16") else "fp16" if tpl.get(
+            "fp16", {}).get("enabled") else "fp32"
         if not cuda and precision == "fp16":
             raise SystemExit(f"{args.config}: fp16 does not run on DeepSpeed's CPU accelerator")
         cfg.micro_batch_size, cfg.grad_accum = mb, 1
@@ -199,11 +224,15 @@ def worker(args: argparse.Namespace) -> None:
         info.update(compiled=engine.compiled, compile_policy=why, foreach_checks=engine.foreach_checks,
                     zero_optimization=dsc.get("zero_optimization"))
 
+        sync_norm = bool(opts.get("syncnorm"))
+
         def step(batch):
             loss, _ = causal_lm_loss(engine, batch)
             engine.backward(loss)
             engine.step()
-            engine.last_step()  # what the training loop reads back after every optimizer step
+            res = engine.last_step()  # what the training loop reads back after every optimizer step
+            if sync_norm:
+                res.grad_norm  # noqa: B018 - the device read (a host synchronisation) is what is measured
             return loss
 
     g = torch.Generator(device="cpu").manual_seed(1234 + tdist.get_rank())
@@ -247,6 +276,9 @@ def worker(args: argparse.Namespace) -> None:
     tdist.destroy_process_group()
 
 
+_JOB_IDS = itertools.count()
+
+
 @dataclass
 class Job:
     """One ``torchrun`` worker job: what it measures, its process, where its row and its output go."""
@@ -262,7 +294,7 @@ class Job:
 
     @classmethod
     def start(cls, spec: str, n: int, args: argparse.Namespace, out_dir: Path, gpu: int | None) -> Job:
-        tag = f"{spec}-{n}-{gpu}".replace("+", "_").replace("=", "")
+        tag = f"{spec}-{n}-{gpu}-{next(_JOB_IDS)}".replace("+", "_").replace("=", "")  # a spec may repeat
         row_path = out_dir / f".row-{tag}.json"
         row_path.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
@@ -396,7 +428,13 @@ def driver(args: argparse.Namespace) -> None:
 
 
 def finish(rows: list[dict], peak: float | None) -> None:
-    """Add MFU, the ratio to the baseline (same GPU count; same GPU for parallel one-GPU rows) and weak scaling."""
+    """Add MFU, the ratio to the baseline and weak scaling to every row that ran.
+
+    The baseline of a row is the mean tokens/s of the ``baseline`` rows with the same GPU count, preset and
+    micro-batch, on the same GPU where there are such (parallel one-GPU rows), else on any.  Listing
+    ``baseline`` more than once (e.g. first and last) measures it repeatedly: ``baseline_runs`` holds every
+    figure averaged, so its spread is the run's noise.  Weak scaling: tokens/s per GPU over the same
+    configuration's first one-GPU row."""
     ok = [r for r in rows if not r.get("failed")]
     for r in ok:
         r["mfu"] = r["tflops_per_gpu"] / peak if peak else None
@@ -406,17 +444,20 @@ def finish(rows: list[dict], peak: float | None) -> None:
                     and b["micro_batch"] == r["micro_batch"])
 
         bases = [b for b in ok if same_setup(b)]
-        base = next((b for b in bases if b["gpu_ids"] == r["gpu_ids"]), None) or (bases[0] if bases else None)
+        bases = [b for b in bases if b["gpu_ids"] == r["gpu_ids"]] or bases
+        base = statistics.mean(b["tokens_per_s_per_gpu"] for b in bases) if bases else None
         one = next((b for b in ok if b["config"] == r["config"] and b["gpus"] == 1), None)
-        r["baseline_gpu_ids"] = base["gpu_ids"] if base else None
-        r["ratio_to_baseline"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
+        r["baseline_gpu_ids"] = bases[0]["gpu_ids"] if bases else None
+        r["baseline_runs"] = [b["tokens_per_s_per_gpu"] for b in bases]
+        r["ratio_to_baseline"] = r["tokens_per_s_per_gpu"] / base if base else None
         r["weak_scaling"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"] if one else None
 
 
 def print_table(rows: list[dict], name: str, peak: float | None, args: argparse.Namespace, versions: dict) -> None:
     peak_s = f"measured bf16 peak {peak:.0f} TFLOP/s" if peak else "no peak (CPU)"
     print(f"\n{name}, {peak_s}, preset {args.preset}, seq {args.seq_len}; {versions}")
-    print(f"{'config':>34} {'GPUs':>4} {'GPU':>4} {'mb':>3} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} "
+    w = max([34] + [len(r["config"]) for r in rows])
+    print(f"{'config':>{w}} {'GPUs':>4} {'GPU':>4} {'mb':>3} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} "
           f"{'vs base':>8} {'weak':>6}")
 
     def f(v, fmt):
@@ -424,9 +465,9 @@ def print_table(rows: list[dict], name: str, peak: float | None, args: argparse.
 
     for r in rows:
         if r.get("failed"):
-            print(f"{r['config']:>34} {r['gpus']:>4} {r['gpu_ids']:>4}  FAILED")
+            print(f"{r['config']:>{w}} {r['gpus']:>4} {r['gpu_ids']:>4}  FAILED")
             continue
-        print(f"{r['config']:>34} {r['gpus']:>4} {r['gpu_ids']:>4} {r['micro_batch']:>3} "
+        print(f"{r['config']:>{w}} {r['gpus']:>4} {r['gpu_ids']:>4} {r['micro_batch']:>3} "
               f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['tflops_per_gpu']:>8.1f} {f(r['mfu'], '{:.1%}'):>6} "
               f"{r['peak_mem_gib']:>8.1f} {f(r['ratio_to_baseline'], '{:.2f}x'):>8} {f(r['weak_scaling'], '{:.0%}'):>6}")
 

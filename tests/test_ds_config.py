@@ -77,6 +77,8 @@ def test_every_template_resolves(name, world, precision):
             assert cfg["fp16"][k] == v, k  # dynamic loss scaling: loss_scale 0 etc. kept
     assert cfg["zero_optimization"]["stage"] == raw["zero_optimization"]["stage"]
     assert "scheduler" not in cfg
+    # DeepSpeed's throughput timer synchronises the device twice per step; the templates turn it off
+    assert cfg["timers"] == {"throughput": {"enabled": False}}
     assert raw["train_batch_size"] == "auto"  # the template file itself is untouched
 
 
@@ -104,6 +106,7 @@ def test_misspelled_keys_refused_by_name_at_every_level_all_at_once():
     tpl["zero_optimization"]["offload_optimizer"]["pin_memroy"] = True
     tpl["fp16"]["loss_scale_windw"] = 500
     tpl["optimizer"]["params"]["wieght_decay"] = 0.1
+    tpl["timers"]["throughput"]["enabeld"] = True
     tpl["train_batch_size"] = 5
     problems = _problems(tpl)
     text = "\n".join(problems)
@@ -113,8 +116,9 @@ def test_misspelled_keys_refused_by_name_at_every_level_all_at_once():
             "(did you mean 'zero_optimization.offload_optimizer.pin_memory'?)") in text
     assert "'fp16.loss_scale_windw' (did you mean 'fp16.loss_scale_window'?)" in text
     assert "'optimizer.params.wieght_decay' (did you mean 'optimizer.params.weight_decay'?)" in text
+    assert "'timers.throughput.enabeld' (did you mean 'timers.throughput.enabled'?)" in text
     assert any("train_batch_size" in p for p in problems)
-    assert len(problems) == 6
+    assert len(problems) == 7
 
 
 def test_deepspeed_aliases_accepted_deprecated_and_scheduler_refused():

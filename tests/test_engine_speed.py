@@ -60,8 +60,14 @@ def test_foreach_checks_agree_with_deepspeed_loops():
         assert float(opt.get_grad_norm_direct(grads, params)) == -1.0
         assert float(DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params)) == -1.0
         grads[3].view(-1)[5] = saved
+    every = [g for i in sorted(opt.averaged_gradients) for g in opt.averaged_gradients[i] or []]
+    ref_all = math.sqrt(sum(float(g.double().pow(2).sum()) for g in every))  # both parameter groups
     engine.step()
-    assert engine.last_step().applied
+    res = engine.last_step()
+    assert res.applied
+    # the norm stays on the device until it is read (no host synchronisation in last_step)
+    assert torch.is_tensor(res.grad_norm_value)
+    assert res.grad_norm == pytest.approx(ref_all, rel=1e-3)  # bf16, world size 1, loss scale 1
 
 
 def test_foreach_checks_leave_other_optimizers_alone():
@@ -95,6 +101,9 @@ def test_compile_policy():
     assert not on3 and "ZeRO-3" in why
     assert not compile_policy("auto", "cpu", 2)[0]
     assert compile_policy("on", "cpu", 3)[0] and not compile_policy("off", "cuda", 2)[0]
+    on3, why = compile_policy("auto", "cuda", 3, deepcompile=True)  # ZeRO-3 compiles through DeepCompile
+    assert on3 and "DeepCompile" in why
+    assert not compile_policy("auto", "cpu", 3, deepcompile=True)[0]  # DeepCompile needs CUDA
 
 
 def test_uncompiled_restores_the_compiled_forward():
@@ -116,18 +125,24 @@ def test_uncompiled_restores_the_compiled_forward():
 @pytest.mark.slow
 @pytest.mark.dist
 def test_bench_pretrain_cpu_smoke(tmp_path):
-    """The benchmark runs end to end (CPU smoke mode): a baseline and an engine row, ratios, a profile."""
+    """The benchmark runs end to end (CPU smoke mode): a baseline measured twice, engine rows with options
+    (ZeRO-3 leaf modules in bf16, the per-step norm read), ratios against the baselines' mean, a profile."""
+    configs = ["baseline", "zero2_bf16+profile+syncnorm", "zero3_fp16+bf16+leaf", "baseline"]
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--device", "cpu", "--preset", "tiny",
            "--vocab", "256", "--seq_len", "32", "--gpus", "1", "--steps", "2", "--windows", "2", "--warmup", "1",
-           "--configs", "baseline,zero2_bf16+profile", "--out", str(tmp_path)]
+           "--configs", ",".join(configs), "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (path,) = tmp_path.glob("pretrain-*.json")
     rows = json.loads(path.read_text())["rows"]
-    assert [r["config"] for r in rows] == ["baseline", "zero2_bf16+profile"]
-    base, eng = rows
-    assert base["ratio_to_baseline"] == 1.0 and eng["ratio_to_baseline"] > 0
+    assert [r["config"] for r in rows] == configs  # a repeated spec is a job of its own
+    base1, eng, z3, base2 = rows
+    mean = (base1["tokens_per_s_per_gpu"] + base2["tokens_per_s_per_gpu"]) / 2
+    assert eng["baseline_runs"] == [base1["tokens_per_s_per_gpu"], base2["tokens_per_s_per_gpu"]]
+    assert eng["ratio_to_baseline"] == pytest.approx(eng["tokens_per_s_per_gpu"] / mean)
     assert eng["foreach_checks"] is True and eng["compiled"] is False  # auto: off the GPU
+    assert z3["precision"] == "bf16" and z3["zero_optimization"]["stage"] == 3
+    assert z3["zero_optimization"]["leaf_module"]["classes"][0].endswith("LlamaDecoderLayer")
     assert all(r["tokens_per_s_per_gpu"] > 0 and math.isfinite(r["final_loss"]) for r in rows)
     assert "aten::" in next(tmp_path.glob("profiles-*.txt")).read_text()
 
