@@ -536,15 +536,20 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None
     return requested, None
 
 
-def make_optimizer_spec(cfg: dict, device_type: str) -> dict:
-    """The resolved config adapted to the device's optimizer; pass the result to ``deepspeed.initialize``.
+def adapt_to_device(cfg: dict, device_type: str) -> dict:
+    """The resolved config adapted to the device; pass the result to ``deepspeed.initialize``.
 
     On CUDA nothing changes: DeepSpeed builds FusedAdam for ``"type": "AdamW"`` (DeepSpeedCPUAdam
-    when the optimizer is offloaded).  On DeepSpeed's CPU accelerator without optimizer offload it
-    sets ``optimizer.params.torch_adam = true`` so DeepSpeed builds ``torch.optim.AdamW`` (same AdamW
-    update) instead of JIT-compiling its C++ CPU FusedAdam, which took 135 s on a 2-core machine on
-    first use (it is cached in ~/.cache/torch_extensions afterwards).  With optimizer offload the
-    config is kept: DeepSpeed requires its DeepSpeedCPUAdam there (``zero_force_ds_cpu_optimizer``).
+    when the optimizer is offloaded), and DeepCompile runs where the config turns it on.  Elsewhere:
+
+    - without optimizer offload, ``optimizer.params.torch_adam = true``, so DeepSpeed builds
+      ``torch.optim.AdamW`` (same AdamW update) instead of JIT-compiling its C++ CPU FusedAdam, which took
+      135 s on a 2-core machine on first use (it is cached in ~/.cache/torch_extensions afterwards).  With
+      optimizer offload that is left alone: DeepSpeed requires its DeepSpeedCPUAdam there
+      (``zero_force_ds_cpu_optimizer``);
+    - ``compile.deepcompile`` is set false: DeepCompile is CUDA-only (``deepspeed.compile.util.
+      is_deepcompile_supported``), and with it on, ``engine.compile()`` on DeepSpeed's CPU accelerator fails
+      while building DeepCompile's C++ op ("cuda.h: No such file or directory", seen with ``--compile on``).
 
     Args:
         cfg: a config returned by :func:`resolve_ds_config` (not modified).
@@ -554,10 +559,14 @@ def make_optimizer_spec(cfg: dict, device_type: str) -> dict:
         A new dict.
     """
     out = copy.deepcopy(cfg)
+    if device_type == "cuda":
+        return out
     opt = out.get("optimizer")
     offload = (out.get("zero_optimization") or {}).get("offload_optimizer") or {}
     if device_type == "cpu" and isinstance(opt, dict) and offload.get("device", "none") == "none":
         opt.setdefault("params", {})["torch_adam"] = True
+    if isinstance(out.get("compile"), dict) and out["compile"].get("deepcompile"):
+        out["compile"]["deepcompile"] = False
     return out
 
 

@@ -434,9 +434,9 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": adamw["lr"], "betas": list(adamw["betas"]), "eps": adamw["eps"],
             "weight_decay": adamw["weight_decay"]}}
-    from pipeline.ds_config import make_optimizer_spec
+    from pipeline.ds_config import adapt_to_device
 
-    config = make_optimizer_spec(config, dev)  # CPU: torch AdamW instead of a JIT-compiled FusedAdam
+    config = adapt_to_device(config, dev)  # off CUDA: torch AdamW instead of a JIT-built FusedAdam, no DeepCompile
     groups = param_groups(model, adamw["weight_decay"])
 
     def make_scheduler(optimizer):

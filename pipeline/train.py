@@ -73,7 +73,7 @@ class TrainConfig(CommonConfig):
     resume: str = doc("'auto' (newest complete checkpoint, else from scratch), 'none', or a checkpoint dir.", "auto")
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the model and the loss (DeepSpeed engine.compile); auto = on for CUDA with ZeRO stage 0-2, "
-        "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; off the GPU off (see compile_policy).", "auto")
+        "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto")
     foreach_checks: bool = doc("Multi-tensor fp16 overflow and gradient-norm checks for ZeRO-1/2 "
                                "(pipeline.engine.use_foreach_grad_checks).", True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
@@ -249,7 +249,7 @@ def build_training_engine(model: torch.nn.Module, cfg: TrainConfig, resolved: di
     engine = build_engine(model, resolved, precision, lr_lambda,
                           dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
                           launcher, foreach_checks=cfg.foreach_checks)
-    deepcompile = bool((resolved.get("compile") or {}).get("deepcompile"))
+    deepcompile = bool((engine.config.get("compile") or {}).get("deepcompile"))  # as adapted to the device
     use_compile, why = compile_policy(cfg.compile, device_type, engine.zero_stage, deepcompile)
     if use_compile:
         engine.compile()  # every rank

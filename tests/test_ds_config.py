@@ -19,7 +19,7 @@ from pipeline.ds_config import (
     RESOLVED_NAME,
     TEMPLATE_DIR,
     DSConfigError,
-    make_optimizer_spec,
+    adapt_to_device,
     resolve_ds_config,
     resolve_precision,
     templates,
@@ -210,13 +210,16 @@ def test_write_resolved_round_trip_and_rank0_only(tmp_path, monkeypatch):
         write_resolved(json.loads((TEMPLATE_DIR / "zero3_fp16.json").read_text()), tmp_path)
 
 
-def test_make_optimizer_spec():
+def test_adapt_to_device():
     cfg = _resolve("zero2_fp16")
-    cpu = make_optimizer_spec(cfg, "cpu")
+    cpu = adapt_to_device(cfg, "cpu")
     assert cpu["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in cfg["optimizer"]["params"]
-    assert make_optimizer_spec(cfg, "cuda") == cfg
+    assert adapt_to_device(cfg, "cuda") == cfg
     off = _resolve("zero3_offload_fp16")
-    assert "torch_adam" not in make_optimizer_spec(off, "cpu")["optimizer"]["params"]
+    assert "torch_adam" not in adapt_to_device(off, "cpu")["optimizer"]["params"]
+    z3 = _resolve("zero3_fp16")  # DeepCompile is CUDA-only: off elsewhere, kept on CUDA
+    assert z3["compile"]["deepcompile"] is True and adapt_to_device(z3, "cuda") == z3
+    assert adapt_to_device(z3, "cpu")["compile"]["deepcompile"] is False and z3["compile"]["deepcompile"] is True
 
 
 @pytest.mark.parametrize("yaml_path", sorted((TEMPLATE_DIR / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -241,7 +244,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     import torch, deepspeed
-    from pipeline.ds_config import make_optimizer_spec, resolve_ds_config
+    from pipeline.ds_config import adapt_to_device, resolve_ds_config
     deepspeed.init_distributed(dist_backend="gloo")  # every rank calls it (here: the one rank)
     out = {}
     for name, precision in json.loads(sys.argv[1]):
@@ -249,7 +252,7 @@ _CHILD = textwrap.dedent(
         cfg = resolve_ds_config(name, micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-2,
                                 weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0,
                                 precision=precision)
-        cfg = make_optimizer_spec(cfg, "cpu")
+        cfg = adapt_to_device(cfg, "cpu")
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         before = [p.detach().clone() for p in model.parameters()]
         eng, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -291,7 +294,7 @@ def test_resolved_configs_accepted_by_deepspeed_initialize_on_cpu(tmp_path):
         name, precision = key.split("/")
         assert r["stage"] == int(name[4]), key
         assert r["bf16"] is (precision == "bf16") and r["fp16"] is False, key
-        assert r["optimizer"] == "AdamW", key  # torch AdamW via make_optimizer_spec on CPU
+        assert r["optimizer"] == "AdamW", key  # torch AdamW via adapt_to_device on CPU
         assert r["changed"], f"{key}: one optimizer step left every weight unchanged"
 
 
@@ -313,11 +316,11 @@ def test_accelerate_launch_with_yaml_and_resolved_plugin(tmp_path):
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler
         from pipeline import dist
-        from pipeline.ds_config import make_optimizer_spec, resolve_ds_config, template_from_env
+        from pipeline.ds_config import adapt_to_device, resolve_ds_config, template_from_env
         cfg = resolve_ds_config(template_from_env(), micro_batch_size=2, grad_accum=1,
                                 world_size=dist.world_size(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                 eps=1e-8, grad_clip=1.0, precision="bf16")
-        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=make_optimizer_spec(cfg, "cpu")))
+        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=adapt_to_device(cfg, "cpu")))
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         opt = DummyOptim(model.parameters())
         sched = DummyScheduler(opt, lr_scheduler_callable=lambda o: torch.optim.lr_scheduler.LambdaLR(
