@@ -3,8 +3,8 @@
 - ``tiny``: seconds per stage; for tests (a 2-layer LLaMA of width 64).
 - ``cpu``: the default of ``make all``; the whole pipeline in well under 20 minutes on 2 CPU cores
   (a 4-layer LLaMA of width 256, about 4M parameters).
-- ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, about 110M parameters
-  with the 16k-token vocabulary; GPT-2's own 124M counts its 50k vocabulary).
+- ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, 97.5M parameters with the
+  16k-token vocabulary and tied embeddings; GPT-2's own 124M counts its 50k vocabulary).
 - ``350m``: 24 layers, width 1024 (about 325M parameters with the 16k vocabulary).
 - ``1b``: 20 layers, width 2048, 16 heads of 128 (about 1.06B parameters; TinyLlama-1.1B's width and MLP with
   fewer layers and full multi-head attention); for the MFU measurements of ``scripts/bench_pretrain.py``.

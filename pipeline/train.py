@@ -475,7 +475,7 @@ def run_training(
         FP16HealthError: the fp16 loss scale hit its minimum, or too many steps overflowed.
         TrainingHalted: after the checkpoint of ``cfg.halt_after_step``.
     """
-    from pipeline.ds_config import resolve_precision, template_from_env, write_resolved
+    from pipeline.ds_config import adapt_to_device, resolve_precision, template_from_env, write_resolved
 
     t_start = time.time()
     loss_fn = loss_fn or causal_lm_loss
@@ -488,7 +488,8 @@ def run_training(
     precision, note = resolve_precision(cfg.precision, dev_type)
     # under `accelerate launch`, the template its yaml names (deepspeed_config_file) is the one chosen
     template = template_from_env(cfg.ds_config) if launcher == "accelerate" else cfg.ds_config
-    resolved = resolve_run_ds_config(cfg, template, world, precision)
+    # the resolved file shows what DeepSpeed gets: adapted to the device (torch AdamW and no DeepCompile off CUDA)
+    resolved = adapt_to_device(resolve_run_ds_config(cfg, template, world, precision), dev_type)
     sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed)
     if len(data.val) < 1:
         raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a larger "

@@ -11,7 +11,7 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
   (``--compile auto``, multi-tensor overflow/norm checks);
 - ``+eager`` / ``+compile``: force the model (and loss) eager or compiled;
 - ``+noforeach``: DeepSpeed's own per-tensor overflow and gradient-norm loops;
-- ``+bucket=N``: ZeRO ``reduce_bucket_size`` and ``allgather_bucket_size`` N elements;
+- ``+bucket=N``: ZeRO ``reduce_bucket_size`` N elements, and for ZeRO-1/2 ``allgather_bucket_size`` too;
 - ``+nooverlap``: ZeRO ``overlap_comm`` false;
 - ``+deepcompile``: DeepSpeed's DeepCompile (``"compile": {"deepcompile": true}``), compiled;
 - ``+nodeepcompile``: DeepCompile off (``zero3_fp16`` turns it on) and, by the product's policy, ZeRO-3 eager;
@@ -33,8 +33,9 @@ one-GPU row is compared with the baseline *of its own GPU*.  Each job runs ``--w
 (compilation and JIT builds fall there), then ``--steps`` steps in ``--windows`` equal windows, synchronising the
 device only at window edges (a per-step synchronisation would stop the host from queueing ahead, which only the
 baseline would lose); the figure is the median window's mean step time.  The engine's timed step is the product
-loop's: loss, ``backward``, ``step`` and the step's result (loss scale, gradient norm) read back as
-``pipeline.train.run_training`` does.
+loop's: loss, ``backward``, ``step`` and ``engine.last_step()`` (the applied flag and loss scale; the gradient
+norm stays on the device, as ``pipeline.train.run_training`` reads it on logged steps only; ``+syncnorm`` reads
+it every step).
 
 Figures per GPU: tokens/s, TFLOP/s (6N + 12·L·d·T FLOPs per token, PaLM appendix B, as nanoGPT's MFU), MFU
 against the bf16 matrix-multiply peak measured at the start with an 8192³ matmul (median of 30), peak memory;
@@ -43,7 +44,7 @@ the ratio to the baseline (same GPU count, same GPU with ``--parallel``) and the
 ``<out>/pretrain-<time>.json`` and, with ``+profile`` rows, ``<out>/profiles-<time>.txt``.
 
 ``--device cpu`` is a smoke mode for this machine's tests (gloo, ``DS_ACCELERATOR=cpu``, bf16 and fp32 only, no
-compile, tiny preset): it checks the script, not the hardware.
+compile; pass ``--preset tiny``): it checks the script, not the hardware.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def _profile(step, batches, device: str) -> str:
     ka = prof.key_averages()
     lines = []
     if device == "cuda":
-        kernel_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA")
+        # kernels only: user annotations on the GPU timeline (DistributedDataParallel.forward, Optimizer.step#...)
+        # also carry device time and would count it twice
+        kernel_us = sum(e.self_device_time_total for e in ka
+                        if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False))
         lines.append(f"GPU busy {kernel_us / 1e6 / wall:.1%} of {wall * 1e3 / 3:.1f} ms per step (kernel time summed)")
         lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
     lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
@@ -362,7 +366,8 @@ def driver(args: argparse.Namespace) -> None:
         finish(rows, peak)
         path.write_text(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), gpu=name,
                                         measured_peak_bf16_tflops=peak, preset=args.preset, vocab=args.vocab,
-                                        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                                        seq_len=args.seq_len, steps=args.steps, windows=args.windows,
+                                        warmup=args.warmup,
                                         versions=versions, rows=rows), indent=1))
 
     def report(row: dict) -> None:
