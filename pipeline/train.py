@@ -267,8 +267,9 @@ def compile_policy(setting: str, device_type: str, zero_stage: int, deepcompile:
     module), DeepCompile 306k (0.77x of ZeRO-2 in the same run).  On CPU, inductor's compile time exceeds what a
     short run gains, and DeepCompile needs CUDA.
     """
+    dc = ", DeepCompile" if deepcompile else ""
     if setting == "on":
-        return True, "compile on (compile=on)" + (", DeepCompile" if deepcompile else "")
+        return True, f"compile on (compile=on{dc})"
     if setting == "off":
         return False, "compile off (compile=off)"
     if device_type != "cuda":
@@ -276,9 +277,7 @@ def compile_policy(setting: str, device_type: str, zero_stage: int, deepcompile:
     if zero_stage >= 3 and not deepcompile:
         return False, ("compile off (auto: ZeRO-3 without DeepCompile; its hooks break torch.compile's graph at every "
                        "module; set \"compile\": {\"deepcompile\": true} in the DeepSpeed config)")
-    if deepcompile:
-        return True, f"compile on (auto: CUDA, ZeRO stage {zero_stage}, DeepCompile)"
-    return True, f"compile on (auto: CUDA, ZeRO stage {zero_stage})"
+    return True, f"compile on (auto: CUDA, ZeRO stage {zero_stage}{dc})"
 
 
 LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
