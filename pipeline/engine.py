@@ -334,41 +334,96 @@ class Engine:
         return out_dir
 
 
+#: attribute set on a gradient-norm tensor known to be finite and non-negative (see use_foreach_grad_checks)
+_KNOWN_VALID = "_pipeline_norm_known_valid"
+
+
+def _install_known_valid_norms() -> None:
+    """Wrap ``is_invalid_grad_norm`` and ``combine_grad_norm_groups`` as DeepSpeed's ZeRO modules see them
+    (``deepspeed.runtime.zero.stage_1_and_2`` and ``.stage3``; idempotent).
+
+    ``combine_grad_norm_groups`` marks its result known-valid when every group norm it combines is;
+    ``is_invalid_grad_norm`` returns False for a known-valid tensor without reading it (DeepSpeed's reads
+    the device: a host synchronisation) and defers to DeepSpeed's for everything else, so unmarked norms
+    behave exactly as before."""
+    import deepspeed.runtime.zero.stage3 as z3
+    import deepspeed.runtime.zero.stage_1_and_2 as z12
+
+    for mod in (z12, z3):
+        if getattr(mod.is_invalid_grad_norm, "_pipeline_wrapped", False):
+            continue
+        ds_invalid, ds_combine = mod.is_invalid_grad_norm, mod.combine_grad_norm_groups
+
+        def is_invalid_grad_norm(norm, _ds=ds_invalid):
+            if torch.is_tensor(norm) and getattr(norm, _KNOWN_VALID, False):
+                return False
+            return _ds(norm)
+
+        def combine_grad_norm_groups(norm_groups, *args, _ds=ds_combine, **kwargs):
+            norm_groups = list(norm_groups)
+            out = _ds(norm_groups, *args, **kwargs)
+            if norm_groups and all(torch.is_tensor(n) and getattr(n, _KNOWN_VALID, False) for n in norm_groups):
+                setattr(out, _KNOWN_VALID, True)
+            return out
+
+        is_invalid_grad_norm._pipeline_wrapped = True
+        mod.is_invalid_grad_norm, mod.combine_grad_norm_groups = is_invalid_grad_norm, combine_grad_norm_groups
+
+
 def use_foreach_grad_checks(optimizer: Any) -> bool:
-    """Replace the per-tensor overflow and gradient-norm loops of DeepSpeed's ZeRO-1/2 optimizer by
+    """Replace the per-tensor overflow and gradient-norm loops of DeepSpeed's ZeRO optimizers by
     multi-tensor (``torch._foreach_norm``) forms; returns True when it did.
 
-    DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer`` checks each gradient of the rank's partition for
-    inf/NaN with two reductions per tensor (``has_overflow_partitioned_grads_serial``) and then computes
-    the global norm with one fp64 cast and norm per tensor (``get_grad_norm_direct``): several hundred
-    small kernels per step for a 12-layer model, launched after a host synchronisation.  The replacement
-    computes every tensor's L2 norm (fp32 accumulation) in a few multi-tensor kernels:
+    DeepSpeed 0.19.8's ZeRO-1/2 ``DeepSpeedZeroOptimizer`` checks each gradient of the rank's partition for
+    inf/NaN with two reductions per tensor (``has_overflow_partitioned_grads_serial``), and both it and the
+    ZeRO-3 ``DeepSpeedZeroOptimizer_Stage3`` compute the global norm with a cast and a norm per tensor
+    (``get_grad_norm_direct``): several hundred small kernels per step for a 12-layer model, launched after
+    a host synchronisation (the overflow flag's ``.item()``), so the GPU idles while the host launches them.
+    The replacement computes every tensor's L2 norm (fp32 accumulation) in a few multi-tensor kernels:
 
-    - overflow: a gradient holds inf/NaN exactly when its norm is not finite (fp16 gradients are at most
-      65504 in magnitude, so the fp32 sum of squares of even 10^9 of them stays below 5e18, far from the
-      fp32 limit of 3.4e38);
-    - norm: ``sqrt(sum_i ||g_i||^2)`` summed over the data-parallel group, with the same invalid-norm
-      sentinel (-1 for inf/NaN) DeepSpeed uses, so clipping and skipping behave as before.
+    - overflow (ZeRO-1/2; ZeRO-3 already checks its flat gradient buffer at once): a gradient holds inf/NaN
+      exactly when its norm is not finite (fp16 gradients are at most 65504 in magnitude, so the fp32 sum of
+      squares of even 10^9 of them stays below 5e18, far from the fp32 limit of 3.4e38);
+    - norm: ``sqrt(sum_i ||g_i||^2)`` summed over the partition's process group, with the same invalid-norm
+      sentinel (-1 for inf/NaN) DeepSpeed uses, so clipping and skipping behave as before; the sentinel is
+      written with a scalar ``masked_fill_`` (DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` copies a
+      host tensor to the device and reads a device scalar back: two host synchronisations per group);
+    - validity: DeepSpeed then asks ``is_invalid_grad_norm`` of the combined norm (a host synchronisation
+      each time: three per ZeRO-1/2 step, one per ZeRO-3 step).  When the fp16 overflow check of the same
+      step has just passed, every gradient is finite, so the fp32 norm above is finite and non-negative and
+      the answer is known: such norms are marked, and :func:`_install_known_valid_norms` answers for them
+      without reading the device.  Every other norm (bf16, whose finite values can still overflow an fp32
+      sum of squares; no overflow check; DeepSpeed's own loops) still gets DeepSpeed's check.
 
-    Left alone (returns False) for anything else: other optimizer classes (ZeRO-3, no ZeRO), CPU offload,
-    MoE layers, model or pipeline parallelism, or a DeepSpeed version without these methods.
+    Left alone (returns False) for anything else: other optimizer classes (no ZeRO, BF16_Optimizer), CPU or
+    NVMe offload, MoE or AutoEP layers, model or pipeline parallelism, or a DeepSpeed version without these
+    methods.  Non-L2 norms fall back to DeepSpeed's own method at call time.
     """
     try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:
         return False
-    if type(optimizer) is not DeepSpeedZeroOptimizer:
+    stage3 = type(optimizer) is DeepSpeedZeroOptimizer_Stage3
+    if not (stage3 or type(optimizer) is DeepSpeedZeroOptimizer):
         return False
-    needed = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "averaged_gradients", "bit16_groups",
-              "dp_process_group")
+    needed = ("get_grad_norm_direct", "averaged_gradients", "dp_process_group", "overflow") + (
+        ("_get_param_partition_group", "dtype") if stage3 else
+        ("has_overflow_partitioned_grads_serial", "bit16_groups", "check_grad_overflow", "dtype"))
     if not all(hasattr(optimizer, n) for n in needed):
         return False
-    if getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "has_moe_layers", False):
+    offload = getattr(optimizer, "offload_optimizer" if stage3 else "cpu_offload", False)
+    if offload or getattr(optimizer, "offload_param", False) or getattr(optimizer, "has_moe_layers", False):
         return False
     if getattr(optimizer, "model_parallel_world_size", 1) != 1 or getattr(optimizer, "mpu", None) is not None:
         return False
+    if stage3 and (getattr(optimizer, "model_parallel_group", None) is not None
+                   or getattr(optimizer, "autoep_folding_tp_group", None) is not None):
+        return False
     from deepspeed import comm as ds_comm
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    _install_known_valid_norms()
+    own_norm = type(optimizer).get_grad_norm_direct
 
     def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
         # one fp32 L2 norm per tensor, in multi-tensor kernels
@@ -383,15 +438,27 @@ def use_foreach_grad_checks(optimizer: Any) -> bool:
 
     def get_grad_norm_direct(gradients, params, norm_type=2) -> torch.Tensor:
         if float(norm_type) != 2.0:
-            return DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, gradients, params, norm_type)
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False) and g.numel() > 0]
+            return own_norm(optimizer, gradients, params, norm_type)
+        group = optimizer.dp_process_group
+        if stage3 and params:
+            group = optimizer._get_param_partition_group(params[0])
+            if any(optimizer._get_param_partition_group(p) != group for p in params):
+                return own_norm(optimizer, gradients, params, norm_type)  # mixed groups: DeepSpeed's checks
+        grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
         total = _norms(grads).square().sum() if grads else torch.zeros((), device=optimizer.device)
-        ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)  # every rank
+        ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=group)  # every rank
         total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
+        total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's invalid-norm sentinel, on the device
+        # fp16 checks overflow before the norm and computes the norm only when there was none: every gradient
+        # is finite, hence at most 65504 in magnitude, so this fp32 norm is finite (not so for bf16, whose
+        # finite values reach 3e38: their squares overflow fp32)
+        overflow_checked = optimizer.dtype == torch.float16 and (stage3 or optimizer.check_grad_overflow)
+        if overflow_checked and not optimizer.overflow:
+            setattr(total, _KNOWN_VALID, True)
         return total
 
-    optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
+    if not stage3:
+        optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
     optimizer.get_grad_norm_direct = get_grad_norm_direct
     return True
 
@@ -420,7 +487,7 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         adamw: ``lr``, ``betas``, ``eps``, ``weight_decay``; ``weight_decay`` also sets the decayed group
             (see :func:`param_groups`).
         launcher: ``accelerate`` builds through ``Accelerator``; anything else through ``deepspeed.initialize``.
-        foreach_checks: replace ZeRO-1/2's per-tensor overflow and norm loops (:func:`use_foreach_grad_checks`);
+        foreach_checks: replace ZeRO's per-tensor overflow and norm loops (:func:`use_foreach_grad_checks`);
             the result is in ``Engine.foreach_checks``.
     """
     import deepspeed

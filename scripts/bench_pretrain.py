@@ -25,7 +25,12 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
   did before it read it on logged steps only;
 - ``+mb=N``: micro-batch N instead of the preset's (also valid for ``baseline``);
 - ``+preset=NAME``: another preset's model (e.g. ``350m``) (also valid for ``baseline``);
-- ``+profile``: after timing, profile 3 steps with ``torch.profiler`` (top kernels and host ops, GPU busy share).
+- ``+profile``: after timing, profile 3 steps with ``torch.profiler`` (top kernels and host ops, GPU busy share);
+- ``+trace``: after timing, record 2 steps with ``torch.profiler`` (Python stacks on) and write the Chrome trace
+  ``<out>/trace-<job tag>.json.gz`` of rank 0 (open it in Perfetto or ``chrome://tracing``);
+- ``+syncs``: after timing, run 3 steps with PyTorch's CUDA sync debug mode and count every host synchronisation
+  per step by its call site (``.item()``, blocking copies, ``torch.cuda.synchronize``, stream and event waits):
+  each one drains the GPU's queue and exposes the host time that follows.
 
 The driver launches one ``torchrun`` job per (configuration, GPU count).  With ``--parallel`` the one-GPU jobs run
 side by side, one per visible GPU (``CUDA_VISIBLE_DEVICES``), and ``baseline`` is measured on every GPU so each
@@ -65,7 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 OPTIONS = ("eager", "compile", "noforeach", "bucket", "nooverlap", "deepcompile", "nodeepcompile", "noreducescatter",
-           "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile")
+           "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile", "syncs", "trace")
 NUMERIC = ("bucket", "mb", "prefetch", "persist")
 #: decoder-layer classes that ``+leaf`` makes ZeRO-3 leaf modules (classes absent from the model are ignored)
 LEAF_CLASSES = ["transformers.models.llama.modeling_llama.LlamaDecoderLayer",
@@ -92,8 +97,8 @@ def parse_config(spec: str) -> tuple[str, dict]:
             out[key] = val
         else:
             out[key] = True
-    if base == "baseline" and set(out) - {"mb", "preset", "profile"}:
-        raise ValueError(f"'{spec}': the baseline takes only +mb, +preset and +profile")
+    if base == "baseline" and set(out) - {"mb", "preset", "profile", "syncs", "trace"}:
+        raise ValueError(f"'{spec}': the baseline takes only +mb, +preset, +profile, +syncs and +trace")
     return base, out
 
 
@@ -141,6 +146,90 @@ def _profile(step, batches, device: str) -> str:
         lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
     lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
     return "\n".join(lines)
+
+
+def _trace(step, batches, device: str, path: Path | None) -> None:
+    """Record 2 steps with ``torch.profiler`` (CPU, CUDA, Python stacks) into the gzipped Chrome trace ``path``
+    (every rank steps; ranks given ``None`` write nothing)."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=acts, with_stack=True) as prof:
+        for i in range(2):
+            step(batches[i % len(batches)])
+        sync()
+    if path is None:
+        return
+    raw = path.with_suffix("")  # .json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+
+
+def _sync_sites(step, batches, n_steps: int = 3) -> dict:
+    """Host synchronisations per step by call site, over ``n_steps`` steps on CUDA.
+
+    PyTorch's sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) warns at every implicit
+    synchronisation (``.item()``, ``bool()`` of a device tensor, a blocking device-to-host copy, a stream
+    synchronisation inside an op); explicit ``torch.cuda.synchronize`` and ``Stream``/``Event.synchronize``
+    calls are counted by wrapping them for the duration.  A site is the innermost three frames outside
+    ``torch`` (file:line function), so DeepSpeed's and this project's lines show.  Returns
+    ``{"per_step": float, "sites": [[count_per_step, site], ...]}`` (most frequent first)."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    counts: collections.Counter = collections.Counter()
+    torch_dir = str(Path(torch.__file__).parent)
+
+    def site() -> str:
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if not f.filename.startswith(torch_dir) and "warnings" not in f.filename
+                  and not f.filename.endswith("bench_pretrain.py")]
+        return " < ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            counts[site()] += 1
+        else:
+            orig_show(message, category, filename, lineno, file, line)
+
+    def counted(fn, label):
+        def wrapper(*a, **k):
+            counts[f"[{label}] " + site()] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    patched = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")]
+    saved = [getattr(obj, name) for obj, name in patched]
+    orig_show = warnings.showwarning
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        for (obj, name), fn in zip(patched, saved):
+            setattr(obj, name, counted(fn, f"{getattr(obj, '__name__', 'cuda')}.{name}"))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(n_steps):
+                step(batches[i % len(batches)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            for (obj, name), fn in zip(patched, saved):
+                setattr(obj, name, fn)
+            warnings.showwarning = orig_show
+    torch.cuda.synchronize()
+    total = sum(counts.values())
+    return dict(per_step=total / n_steps, sites=[[c / n_steps, s] for s, c in counts.most_common()])
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -267,6 +356,13 @@ def worker(args: argparse.Namespace) -> None:
     if opts.get("profile"):
         text = _profile(step, batches, args.device)  # every rank steps; rank 0 keeps the table
         prof = text if tdist.get_rank() == 0 else None
+    if opts.get("trace"):
+        out = Path(args.out)  # <out>/.row-<tag>.json -> <out>/trace-<tag>.json.gz
+        _trace(step, batches, args.device,  # every rank steps; rank 0 writes
+               out.with_name(f"trace-{out.stem.removeprefix('.row-')}.json.gz") if tdist.get_rank() == 0 else None)
+    syncs = None
+    if opts.get("syncs") and cuda:
+        syncs = _sync_sites(step, batches)  # every rank steps; rank 0 keeps its sites
     if tdist.get_rank() == 0:
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all") if cuda else "cpu"
         row = dict(config=args.config, template=template, preset=preset, gpus=world, gpu_ids=gpu,
@@ -275,6 +371,8 @@ def worker(args: argparse.Namespace) -> None:
                    tflops_per_gpu=tok_per_gpu * fpt / 1e12, peak_mem_gib=max(mems), final_loss=float(loss), **info)
         if prof:
             row["profile"] = prof
+        if opts.get("syncs"):
+            row["host_syncs"] = syncs  # None off CUDA
         Path(args.out).write_text(json.dumps(row))
     tdist.barrier()
     tdist.destroy_process_group()
@@ -428,6 +526,12 @@ def driver(args: argparse.Namespace) -> None:
         ppath.write_text("\n\n".join(f"=== {r['config']} on {r['gpus']} GPU(s) [{r['gpu_ids']}]\n{r['profile']}"
                                      for r in profiles))
         print(f"profiles -> {ppath}")
+    for r in rows:
+        if r.get("host_syncs"):
+            hs = r["host_syncs"]
+            print(f"host synchronisations per step, {r['config']} on {r['gpus']} GPU(s): {hs['per_step']:g}")
+            for c, where in hs["sites"]:
+                print(f"  {c:5.2f}  {where}")
     print_table(rows, name, peak, args, versions)
     print(f"-> {path}")
 

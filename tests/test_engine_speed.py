@@ -15,8 +15,9 @@ from conftest import ROOT
 from pipeline.train import compile_policy, compiled_token_cross_entropy, token_cross_entropy
 
 
-def _cpu_zero2_engine():
-    """A one-rank ZeRO-2 bf16 DeepSpeed engine on CPU over a tiny LLaMA, after one backward (gradients reduced)."""
+def _cpu_zero2_engine(template: str = "zero2_bf16"):
+    """A one-rank ZeRO bf16 DeepSpeed engine (``template``) on CPU over a tiny LLaMA, after one backward
+    (gradients reduced)."""
     from pipeline.ds_config import resolve_ds_config
     from pipeline.engine import build_engine, init_distributed
     from pipeline.model import ModelConfig, build_model
@@ -24,7 +25,7 @@ def _cpu_zero2_engine():
     launcher = init_distributed()
     model = build_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=192), 128, 32,
                         seed=0)
-    cfg = resolve_ds_config("zero2_bf16", micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3, weight_decay=0.1,
+    cfg = resolve_ds_config(template, micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3, weight_decay=0.1,
                             betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, precision="bf16")
     engine = build_engine(model, cfg, "bf16", lambda s: 1.0,
                           dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), launcher)
@@ -68,6 +69,64 @@ def test_foreach_checks_agree_with_deepspeed_loops():
     # the norm stays on the device until it is read (no host synchronisation in last_step)
     assert torch.is_tensor(res.grad_norm_value)
     assert res.grad_norm == pytest.approx(ref_all, rel=1e-3)  # bf16, world size 1, loss scale 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
+def test_foreach_norm_agrees_with_deepspeed_zero3():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    engine = _cpu_zero2_engine("zero3_fp16")  # bf16 on CPU (DeepSpeed's CPU accelerator has no fp16)
+    opt = engine.ds.optimizer
+    assert engine.zero_stage == 3 and engine.foreach_checks and type(opt) is DeepSpeedZeroOptimizer_Stage3
+    # ZeRO-3 checks overflow on its flat gradient buffer already: only the norm is replaced
+    assert "has_overflow_partitioned_grads_serial" not in vars(opt) and "get_grad_norm_direct" in vars(opt)
+    grads, params = opt.averaged_gradients[0], opt.fp16_groups[0]
+    assert len(grads) > 10 and all(g is not None for g in grads)
+    new = float(opt.get_grad_norm_direct(grads, params))
+    old = float(DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct(opt, grads, params))
+    ref = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
+    saved = grads[2].view(-1)[1].clone()
+    for bad in (float("inf"), float("nan")):
+        grads[2].view(-1)[1] = bad
+        assert float(opt.get_grad_norm_direct(grads, params)) == -1.0
+        assert float(DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct(opt, grads, params)) == -1.0
+    grads[2].view(-1)[1] = saved
+    every = [g for i in sorted(opt.averaged_gradients) for g in opt.averaged_gradients[i]]  # both groups
+    ref_all = math.sqrt(sum(float(g.double().pow(2).sum()) for g in every))
+    engine.step()
+    res = engine.last_step()
+    assert res.applied and res.grad_norm == pytest.approx(ref_all, rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
+def test_norm_validity_is_known_only_after_a_passed_overflow_check():
+    import deepspeed.runtime.zero.stage_1_and_2 as z12
+
+    from pipeline.engine import _KNOWN_VALID
+
+    engine = _cpu_zero2_engine()
+    opt = engine.ds.optimizer
+    grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+    assert opt.check_grad_overflow and not opt.overflow and opt.dtype == torch.bfloat16
+    # bf16: finite gradients can still overflow an fp32 sum of squares, so its norms keep DeepSpeed's check
+    assert not getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
+    opt.dtype = torch.float16  # as fp16 (which CPU DeepSpeed cannot run) after a passed check
+    try:
+        opt.overflow = True
+        assert not getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
+        opt.overflow = False
+        norm = opt.get_grad_norm_direct(grads, params)
+        assert getattr(norm, _KNOWN_VALID, False) and float(norm) > 0
+        combined = z12.combine_grad_norm_groups([norm, opt.get_grad_norm_direct(grads, params)])
+        assert getattr(combined, _KNOWN_VALID, False) and not z12.is_invalid_grad_norm(combined)
+        mixed = z12.combine_grad_norm_groups([norm, torch.tensor(1.0)])
+        assert not getattr(mixed, _KNOWN_VALID, False) and not z12.is_invalid_grad_norm(mixed)
+        # unmarked tensors still get DeepSpeed's check
+        assert z12.is_invalid_grad_norm(torch.tensor(-1.0)) and z12.is_invalid_grad_norm(torch.tensor(float("inf")))
+        assert z12.is_invalid_grad_norm(z12.combine_grad_norm_groups([norm, torch.tensor(float("nan"))]))
+    finally:
+        opt.dtype, opt.overflow = torch.bfloat16, False
 
 
 def test_foreach_checks_leave_other_optimizers_alone():
@@ -182,3 +241,27 @@ def test_watchdog_prints_stacks_of_a_block_that_hangs(tmp_path):
     time.sleep(0.1)
     assert quiet.read_text() == ""
     arm_watchdog(0)  # off: nothing armed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode")
+def test_bench_sync_sites_count_each_synchronisation_by_line():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pretrain", ROOT / "scripts" / "bench_pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.ones(1024, device="cuda")
+
+    def step(_):
+        y = (x * 2).sum()  # no synchronisation
+        z = float(y.item())  # implicit: a device-to-host read
+        torch.cuda.synchronize()  # explicit
+        return z
+
+    out = bench._sync_sites(step, [None], n_steps=2)
+    assert out["per_step"] == 2
+    sites = {s: c for c, s in out["sites"]}
+    assert len(sites) == 2 and all(c == 1 for c in sites.values())
+    assert any(s.startswith("[torch.cuda.synchronize]") and "test_engine_speed.py" in s for s in sites)
+    assert any(not s.startswith("[") and "step" in s for s in sites)
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
