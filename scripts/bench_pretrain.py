@@ -426,6 +426,15 @@ class Job:
         self.log_file.close()
         log = self.log_path.read_text(errors="replace")
         self.log_path.unlink(missing_ok=True)
+        if self.proc.returncode != 0 and self.row_path.exists():
+            # the row is written once everything is measured; a job killed after that (e.g. at its timeout,
+            # hanging in process-group teardown) keeps its figures, and the row says so
+            row = json.loads(self.row_path.read_text())
+            self.row_path.unlink()
+            print(f"note: {self.spec} on {self.gpus} GPU(s) exited with rc {self.proc.returncode} after writing its "
+                  f"row; the row is kept", flush=True)
+            row.update(wall_s=time.time() - self.t0, exit_rc=self.proc.returncode)
+            return row
         if self.proc.returncode != 0 or not self.row_path.exists():
             where = "" if self.gpu is None else f" (GPU {self.gpu})"
             print(f"FAILED {self.spec} on {self.gpus} GPU(s){where} rc {self.proc.returncode}:\n{log[-2500:]}",
