@@ -397,7 +397,11 @@ def use_foreach_grad_checks(optimizer: Any) -> bool:
 
     Left alone (returns False) for anything else: other optimizer classes (no ZeRO, BF16_Optimizer), CPU or
     NVMe offload, MoE or AutoEP layers, model or pipeline parallelism, or a DeepSpeed version without these
-    methods.  Non-L2 norms fall back to DeepSpeed's own method at call time.
+    methods.  Non-L2 norms and ZeRO-3 AutoEP expert groups fall back to DeepSpeed's own method at call time.
+
+    One difference from DeepSpeed remains: its norm accumulates in fp64, this one in fp32.  For fp16 that
+    changes nothing (see above); in bf16 a finite gradient above about 1.8e19 would make this norm overflow
+    and the step be skipped, where DeepSpeed would clip it.
     """
     try:
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -442,8 +446,11 @@ def use_foreach_grad_checks(optimizer: Any) -> bool:
         group = optimizer.dp_process_group
         if stage3 and params:
             group = optimizer._get_param_partition_group(params[0])
-            if any(optimizer._get_param_partition_group(p) != group for p in params):
-                return own_norm(optimizer, gradients, params, norm_type)  # mixed groups: DeepSpeed's checks
+            autoep = getattr(optimizer, "_autoep_expert_parallel_group", None)
+            if any(optimizer._get_param_partition_group(p) != group for p in params) or (
+                    autoep is not None and autoep(params) is not None):
+                # mixed groups (DeepSpeed raises) or AutoEP experts (one more all-reduce): DeepSpeed's own
+                return own_norm(optimizer, gradients, params, norm_type)
         grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
         total = _norms(grads).square().sum() if grads else torch.zeros((), device=optimizer.device)
         ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=group)  # every rank

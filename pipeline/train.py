@@ -74,8 +74,8 @@ class TrainConfig(CommonConfig):
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the model and the loss (DeepSpeed engine.compile); auto = on for CUDA with ZeRO stage 0-2, "
         "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto")
-    foreach_checks: bool = doc("Multi-tensor fp16 overflow checks (ZeRO-1/2) and gradient norm (ZeRO-1/2/3) "
-                               "without host synchronisations (pipeline.engine.use_foreach_grad_checks).", True)
+    foreach_checks: bool = doc("Multi-tensor overflow checks (ZeRO-1/2) and gradient norm (ZeRO-1/2/3), which in "
+                               "fp16 adds no host synchronisation (pipeline.engine.use_foreach_grad_checks).", True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
     max_skipped_fraction: float = doc("Stop when more than this share of the last skip_window steps overflowed.",
                                       0.5)

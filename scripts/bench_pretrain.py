@@ -30,7 +30,8 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
   ``<out>/trace-<job tag>.json.gz`` of rank 0 (open it in Perfetto or ``chrome://tracing``);
 - ``+syncs``: after timing, run 3 steps with PyTorch's CUDA sync debug mode and count every host synchronisation
   per step by its call site (``.item()``, blocking copies, ``torch.cuda.synchronize``, stream and event waits):
-  each one drains the GPU's queue and exposes the host time that follows.
+  each one drains the GPU's queue and exposes the host time that follows.  A site is the innermost frames outside
+  ``torch`` and this script, so a synchronisation in the benchmark's own step shows an empty site.
 
 The driver launches one ``torchrun`` job per (configuration, GPU count).  With ``--parallel`` the one-GPU jobs run
 side by side, one per visible GPU (``CUDA_VISIBLE_DEVICES``), and ``baseline`` is measured on every GPU so each
@@ -179,8 +180,9 @@ def _sync_sites(step, batches, n_steps: int = 3) -> dict:
     PyTorch's sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) warns at every implicit
     synchronisation (``.item()``, ``bool()`` of a device tensor, a blocking device-to-host copy, a stream
     synchronisation inside an op); explicit ``torch.cuda.synchronize`` and ``Stream``/``Event.synchronize``
-    calls are counted by wrapping them for the duration.  A site is the innermost three frames outside
-    ``torch`` (file:line function), so DeepSpeed's and this project's lines show.  Returns
+    calls are counted by wrapping them for the duration (once each: ``Stream.synchronize`` also warns).  A site
+    is the innermost three frames outside ``torch`` and this script (file:line function), so DeepSpeed's and this
+    project's lines show.  Returns
     ``{"per_step": float, "sites": [[count_per_step, site], ...]}`` (most frequent first)."""
     import collections
     import traceback
@@ -191,22 +193,30 @@ def _sync_sites(step, batches, n_steps: int = 3) -> dict:
     counts: collections.Counter = collections.Counter()
     torch_dir = str(Path(torch.__file__).parent)
 
+    inside = [0]  # depth of wrapped explicit calls: the sync they make themselves is already counted
+
     def site() -> str:
         frames = [f for f in traceback.extract_stack()[:-2]
-                  if not f.filename.startswith(torch_dir) and "warnings" not in f.filename
+                  if not f.filename.startswith(torch_dir) and not f.filename.endswith("warnings.py")
                   and not f.filename.endswith("bench_pretrain.py")]
         return " < ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            counts[site()] += 1
+        if str(message).startswith("called a synchronizing CUDA operation"):
+            if not inside[0]:  # Stream.synchronize also warns: count it once, under its wrapper's label
+                counts[site()] += 1
         else:
             orig_show(message, category, filename, lineno, file, line)
 
     def counted(fn, label):
         def wrapper(*a, **k):
-            counts[f"[{label}] " + site()] += 1
-            return fn(*a, **k)
+            if not inside[0]:
+                counts[f"[{label}] " + site()] += 1
+            inside[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] -= 1
         return wrapper
 
     patched = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")]
@@ -216,10 +226,10 @@ def _sync_sites(step, batches, n_steps: int = 3) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
-        for (obj, name), fn in zip(patched, saved):
-            setattr(obj, name, counted(fn, f"{getattr(obj, '__name__', 'cuda')}.{name}"))
-        torch.cuda.set_sync_debug_mode("warn")
         try:
+            for (obj, name), fn in zip(patched, saved):
+                setattr(obj, name, counted(fn, f"{getattr(obj, '__name__', 'cuda')}.{name}"))
+            torch.cuda.set_sync_debug_mode("warn")
             for i in range(n_steps):
                 step(batches[i % len(batches)])
         finally:
@@ -373,7 +383,9 @@ def worker(args: argparse.Namespace) -> None:
             row["profile"] = prof
         if opts.get("syncs"):
             row["host_syncs"] = syncs  # None off CUDA
-        Path(args.out).write_text(json.dumps(row))
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(args.out)  # atomic: a job killed mid-write leaves no half row
     tdist.barrier()
     tdist.destroy_process_group()
 
@@ -421,8 +433,15 @@ class Job:
         try:
             self.proc.wait(timeout=max(1.0, timeout - (time.time() - self.t0)))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            # SIGTERM, not SIGKILL: torchrun starts its workers in sessions of their own and kills them only
+            # when it is itself terminated; a killed torchrun leaves them running (e.g. hung in teardown,
+            # holding the GPU while the next job is timed)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log_file.close()
         log = self.log_path.read_text(errors="replace")
         self.log_path.unlink(missing_ok=True)

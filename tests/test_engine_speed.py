@@ -94,6 +94,18 @@ def test_foreach_norm_agrees_with_deepspeed_zero3():
     grads[2].view(-1)[1] = saved
     every = [g for i in sorted(opt.averaged_gradients) for g in opt.averaged_gradients[i]]  # both groups
     ref_all = math.sqrt(sum(float(g.double().pow(2).sum()) for g in every))
+    # the fp16 marker (ZeRO-3 checks overflow whenever its dtype is fp16): not for bf16, set after a passed check
+    from pipeline.engine import _KNOWN_VALID
+
+    assert not getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
+    opt.dtype = torch.float16
+    try:
+        opt.overflow = True
+        assert not getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
+        opt.overflow = False
+        assert getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
+    finally:
+        opt.dtype, opt.overflow = torch.bfloat16, False
     engine.step()
     res = engine.last_step()
     assert res.applied and res.grad_norm == pytest.approx(ref_all, rel=1e-3)
@@ -127,6 +139,12 @@ def test_norm_validity_is_known_only_after_a_passed_overflow_check():
         assert z12.is_invalid_grad_norm(z12.combine_grad_norm_groups([norm, torch.tensor(float("nan"))]))
     finally:
         opt.dtype, opt.overflow = torch.bfloat16, False
+    # installing the wrappers again (a second engine in the process) wraps nothing twice
+    from pipeline.engine import _install_known_valid_norms
+
+    before = (z12.is_invalid_grad_norm, z12.combine_grad_norm_groups)
+    _install_known_valid_norms()
+    assert (z12.is_invalid_grad_norm, z12.combine_grad_norm_groups) == before
 
 
 def test_foreach_checks_leave_other_optimizers_alone():
@@ -259,26 +277,32 @@ def test_bench_sync_sites_count_each_synchronisation_by_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
 
     class FakeStream:
+        def synchronize(self):  # as PyTorch's: the stream synchronisation inside warns in sync debug mode
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    class FakeEvent:
         def synchronize(self):
             pass
 
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
 
     def step(_):
         warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # as sync debug mode, for .item()
         warnings.warn("an unrelated warning", stacklevel=1)  # shown as usual, not counted
         torch.cuda.synchronize()
+        torch.cuda.Stream().synchronize()  # counted once, not also for the warning it raises
         torch.cuda.Event().synchronize()
         return 0
 
     with pytest.warns(UserWarning, match="unrelated"):
         out = bench._sync_sites(step, [None], n_steps=2)
     assert modes == ["warn", "default"]  # the mode is restored
-    assert out["per_step"] == 3
+    assert out["per_step"] == 4
     sites = {s: c for c, s in out["sites"]}
-    assert len(sites) == 3 and all(c == 1 for c in sites.values()), sites
+    assert len(sites) == 4 and all(c == 1 for c in sites.values()), sites
     assert all("test_engine_speed.py" in s and " step" in s for s in sites)
-    assert sum(s.startswith("[torch.cuda.synchronize]") for s in sites) == 1
-    assert sum(s.startswith("[FakeStream.synchronize]") for s in sites) == 1
-    assert torch.cuda.Event.synchronize is FakeStream.synchronize  # unwrapped again
+    for label in ("torch.cuda.synchronize", "FakeStream.synchronize", "FakeEvent.synchronize"):
+        assert sum(s.startswith(f"[{label}]") for s in sites) == 1, label
+    assert torch.cuda.Stream.synchronize is FakeStream.synchronize  # unwrapped again
+    assert torch.cuda.Event.synchronize is FakeEvent.synchronize
