@@ -35,6 +35,14 @@ def _cpu_zero2_engine(template: str = "zero2_bf16"):
     return engine
 
 
+def _assert_norm_agrees(opt, ds_class, grads, params) -> None:
+    """The replaced ``get_grad_norm_direct`` equals DeepSpeed's own (``ds_class``'s) and an fp64 reference."""
+    new = float(opt.get_grad_norm_direct(grads, params))
+    old = float(ds_class.get_grad_norm_direct(opt, grads, params))
+    ref = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
 def test_foreach_checks_agree_with_deepspeed_loops():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -45,10 +53,7 @@ def test_foreach_checks_agree_with_deepspeed_loops():
     grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
     assert len(grads) > 10 and all(g is not None for g in grads)
 
-    new = float(opt.get_grad_norm_direct(grads, params))
-    old = float(DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params))
-    ref = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-    assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
+    _assert_norm_agrees(opt, DeepSpeedZeroOptimizer, grads, params)
 
     assert not bool(opt.has_overflow_partitioned_grads_serial())
     assert not bool(DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt))
@@ -82,10 +87,7 @@ def test_foreach_norm_agrees_with_deepspeed_zero3():
     assert "has_overflow_partitioned_grads_serial" not in vars(opt) and "get_grad_norm_direct" in vars(opt)
     grads, params = opt.averaged_gradients[0], opt.fp16_groups[0]
     assert len(grads) > 10 and all(g is not None for g in grads)
-    new = float(opt.get_grad_norm_direct(grads, params))
-    old = float(DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct(opt, grads, params))
-    ref = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-    assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
+    _assert_norm_agrees(opt, DeepSpeedZeroOptimizer_Stage3, grads, params)
     saved = grads[2].view(-1)[1].clone()
     for bad in (float("inf"), float("nan")):
         grads[2].view(-1)[1] = bad
