@@ -264,8 +264,8 @@ def compile_policy(setting: str, device_type: str, zero_stage: int, deepcompile:
     does); never off the GPU.  Measured on one H200 (``results/bench/NOTES.md``, DeepSpeed 0.19.8, PyTorch 2.11,
     124m preset): ZeRO-2 fp16 0.39x -> 0.64x of the plain PyTorch baseline with compile; ZeRO-3 fp16 eager
     88.5k tok/s, plain ``torch.compile`` no better (its parameter-gathering hooks break the graph at every
-    module), DeepCompile 306k (0.77x of ZeRO-2 in the same run).  On CPU, inductor's compile time exceeds what a
-    short run gains, and DeepCompile needs CUDA.
+    module), DeepCompile 306k (0.77x of ZeRO-2 in the same run; 0.89x since ZeRO-3's gradient norm is
+    multi-tensor too).  On CPU, inductor's compile time exceeds what a short run gains, and DeepCompile needs CUDA.
     """
     dc = ", DeepCompile" if deepcompile else ""
     if setting == "on":

@@ -122,8 +122,9 @@ def measure_peak_tflops(n: int = 8192, iters: int = 30) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def _profile(step, batches, device: str) -> str:
-    """Top ops of 3 profiled steps, and the share of wall time the GPU was busy running kernels."""
+def _profiled(step, batches, device: str, n_steps: int, with_stack: bool = False):
+    """Run ``n_steps`` steps under ``torch.profiler`` (CPU, and CUDA on a GPU); returns the profiler and the
+    wall time in seconds, the device synchronised at both ends."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -131,11 +132,16 @@ def _profile(step, batches, device: str) -> str:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        for i in range(3):
+    with profile(activities=acts, with_stack=with_stack) as prof:
+        for i in range(n_steps):
             step(batches[i % len(batches)])
         sync()
-    wall = time.perf_counter() - t0
+    return prof, time.perf_counter() - t0
+
+
+def _profile(step, batches, device: str) -> str:
+    """Top ops of 3 profiled steps, and the share of wall time the GPU was busy running kernels."""
+    prof, wall = _profiled(step, batches, device, 3)
     ka = prof.key_averages()
     lines = []
     if device == "cuda":
@@ -155,16 +161,7 @@ def _trace(step, batches, device: str, path: Path | None) -> None:
     import gzip
     import shutil
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    with profile(activities=acts, with_stack=True) as prof:
-        for i in range(2):
-            step(batches[i % len(batches)])
-        sync()
+    prof, _ = _profiled(step, batches, device, 2, with_stack=True)
     if path is None:
         return
     raw = path.with_suffix("")  # .json
@@ -445,25 +442,21 @@ class Job:
         self.log_file.close()
         log = self.log_path.read_text(errors="replace")
         self.log_path.unlink(missing_ok=True)
-        if self.proc.returncode != 0 and self.row_path.exists():
-            # the row is written once everything is measured; a job killed after that (e.g. at its timeout,
-            # hanging in process-group teardown) keeps its figures, and the row says so
+        if self.row_path.exists():
             row = json.loads(self.row_path.read_text())
             self.row_path.unlink()
-            print(f"note: {self.spec} on {self.gpus} GPU(s) exited with rc {self.proc.returncode} after writing its "
-                  f"row; the row is kept", flush=True)
-            row.update(wall_s=time.time() - self.t0, exit_rc=self.proc.returncode)
+            row["wall_s"] = time.time() - self.t0
+            if self.proc.returncode != 0:
+                # the row is written once everything is measured; a job killed after that (e.g. at its timeout,
+                # hanging in process-group teardown) keeps its figures, and the row says so
+                print(f"note: {self.spec} on {self.gpus} GPU(s) exited with rc {self.proc.returncode} after writing "
+                      f"its row; the row is kept", flush=True)
+                row["exit_rc"] = self.proc.returncode
             return row
-        if self.proc.returncode != 0 or not self.row_path.exists():
-            where = "" if self.gpu is None else f" (GPU {self.gpu})"
-            print(f"FAILED {self.spec} on {self.gpus} GPU(s){where} rc {self.proc.returncode}:\n{log[-2500:]}",
-                  flush=True)
-            return dict(config=self.spec, gpus=self.gpus, gpu_ids=str(self.gpu) if self.gpu is not None else "all",
-                        failed=True, error=log[-2000:])
-        row = json.loads(self.row_path.read_text())
-        self.row_path.unlink()
-        row["wall_s"] = time.time() - self.t0
-        return row
+        where = "" if self.gpu is None else f" (GPU {self.gpu})"
+        print(f"FAILED {self.spec} on {self.gpus} GPU(s){where} rc {self.proc.returncode}:\n{log[-2500:]}", flush=True)
+        return dict(config=self.spec, gpus=self.gpus, gpu_ids=str(self.gpu) if self.gpu is not None else "all",
+                    failed=True, error=log[-2000:])
 
 
 def driver(args: argparse.Namespace) -> None:
