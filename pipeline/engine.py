@@ -20,7 +20,6 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,22 +113,48 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-@dataclass
 class StepResult:
     """What one optimizer step did (read on every rank; identical on all).
 
-    ``applied`` and ``loss_scale`` are host values DeepSpeed already has.  The gradient norm stays on the
-    device until :attr:`grad_norm` is read: reading it waits for the optimizer step's kernels (a host
-    synchronisation), so the training loop reads it only on the steps it logs.
+    ``applied`` (False: skipped because of an fp16 overflow) and ``loss_scale`` (the loss scale after the step;
+    1.0 without fp16) are host values.  With the deferred overflow check (:mod:`pipeline.fp16_step`) they are
+    known only once the host has read the step's overflow flag, which it does before the next backward; reading
+    them earlier reads the flag then (waiting for the GPU to reach it).  The gradient norm stays on the device
+    until :attr:`grad_norm` is read: that waits for the optimizer step's kernels (a host synchronisation), so the
+    training loop reads it only on the steps it logs.
     """
 
-    applied: bool          # False: skipped because of an fp16 overflow
-    loss_scale: float      # loss scale after the step (1.0 without fp16)
-    grad_norm_value: Any = None  # DeepSpeed's global norm: a 0-d tensor, a float, or None
+    def __init__(self, applied: bool | None = None, loss_scale: float | None = None, grad_norm_value: Any = None,
+                 settle: Callable[[], None] | None = None):
+        self._applied, self._loss_scale = applied, loss_scale
+        self.grad_norm_value = grad_norm_value  # DeepSpeed's global norm: a 0-d tensor, a float, or None
+        self._settle = settle  # reads the outcome when it is asked for before it is known
+
+    def settle(self, applied: bool, loss_scale: float) -> None:
+        """Record the outcome (called by whoever read the overflow flag)."""
+        self._applied, self._loss_scale, self._settle = bool(applied), float(loss_scale), None
+
+    @property
+    def known(self) -> bool:
+        """True when ``applied`` and ``loss_scale`` can be read without waiting for the GPU."""
+        return self._applied is not None
+
+    @property
+    def applied(self) -> bool:
+        if self._applied is None:
+            self._settle()
+        return self._applied
+
+    @property
+    def loss_scale(self) -> float:
+        if self._loss_scale is None:
+            self._settle()
+        return self._loss_scale
 
     @property
     def grad_norm(self) -> float | None:
-        """Global L2 norm of the gradients before clipping (None when DeepSpeed did not compute one)."""
+        """Global L2 norm of the gradients before clipping (None when DeepSpeed did not compute one; inf for a
+        skipped step)."""
         g = self.grad_norm_value
         if g is None:
             return None
@@ -162,6 +187,7 @@ class Engine:
         self.min_loss_scale = float(fp16.get("min_loss_scale", 1.0)) if precision == "fp16" else None
         self.compiled = False  # set by compile(); the loss functions read it
         self.foreach_checks = False  # set by build_engine (use_foreach_grad_checks)
+        self.deferred = None  # set by build_engine: the pipeline.fp16_step.DeferredOverflowStep, if installed
 
     # -- compilation -----------------------------------------------------------------------------
     def compile(self) -> None:
@@ -191,9 +217,26 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
 
+    @contextlib.contextmanager
+    def _fp16_health(self):
+        """DeepSpeed's bare Exception at the minimum loss scale, as :class:`FP16HealthError`."""
+        try:
+            yield
+        except Exception as e:
+            if "loss scale already at minimum" in str(e):
+                raise FP16HealthError(fp16_advice(f"the fp16 loss scale is at its minimum ({self.min_loss_scale:g}) "
+                                                  f"and the gradients still overflow")) from None
+            raise
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch's loss (DeepSpeed scales by 1/grad_accum and by the loss scale)."""
-        self.ds.backward(loss)
+        """Backward of one micro-batch's loss (DeepSpeed scales by 1/grad_accum and by the loss scale).
+
+        Raises:
+            FP16HealthError: with the deferred overflow check, when the previous step, read here, overflowed
+                at the minimum loss scale.
+        """
+        with self._fp16_health():
+            self.ds.backward(loss)
 
     def step(self) -> None:
         """Every micro-batch: DeepSpeed steps the optimizer (and the LR schedule) at the accumulation boundary.
@@ -201,13 +244,20 @@ class Engine:
         Raises:
             FP16HealthError: when DeepSpeed's loss scaler overflows again at its minimum scale.
         """
-        try:
+        with self._fp16_health():
             self.ds.step()
-        except Exception as e:  # DeepSpeed raises a bare Exception at the minimum loss scale
-            if "loss scale already at minimum" in str(e):
-                raise FP16HealthError(fp16_advice(f"the fp16 loss scale is at its minimum ({self.min_loss_scale:g}) "
-                                                  f"and the gradients still overflow")) from None
-            raise
+
+    def settle(self) -> None:
+        """Read the last optimizer step's outcome now if it is still on the device (the deferred overflow check,
+        :mod:`pipeline.fp16_step`); afterwards the loss scale, skip count and LR are DeepSpeed's final values.
+        A no-op otherwise.
+
+        Raises:
+            FP16HealthError: when that step overflowed at the minimum loss scale.
+        """
+        if self.deferred is not None:
+            with self._fp16_health():
+                self.deferred.resolve()
 
     def is_boundary(self) -> bool:
         """True when the next :meth:`step` call is an optimizer step (end of the accumulation window)."""
@@ -216,8 +266,11 @@ class Engine:
     def last_step(self) -> StepResult:
         """The result of the optimizer step just taken (call right after the boundary :meth:`step`).
 
-        No host synchronisation: the gradient norm is read from the device only when
-        ``StepResult.grad_norm`` is accessed."""
+        No host synchronisation: the gradient norm is read from the device only when ``StepResult.grad_norm`` is
+        accessed, and with the deferred overflow check ``applied`` and ``loss_scale`` are filled in when the host
+        reads the flag (before the next backward; see :class:`StepResult`)."""
+        if self.deferred is not None and self.deferred.result is not None:
+            return self.deferred.result
         return StepResult(applied=bool(self.ds.was_step_applied()), loss_scale=self.loss_scale(),
                           grad_norm_value=self.ds.get_global_grad_norm())
 
@@ -225,6 +278,7 @@ class Engine:
         """Current loss scale (1.0 without fp16)."""
         if self.precision != "fp16":
             return 1.0
+        self.settle()
         opt = self.ds.optimizer
         for attr in ("cur_scale", "loss_scale"):
             v = getattr(opt, attr, None)
@@ -235,6 +289,7 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped because of fp16 overflow since the run began (restored on resume)."""
+        self.settle()
         return int(self.ds.skipped_steps)
 
     @property
@@ -244,6 +299,7 @@ class Engine:
 
     def lr(self) -> float:
         """Learning rate of the first parameter group (the one the next step uses)."""
+        self.settle()
         return float(self.ds.get_lr()[0])
 
     def train(self) -> None:
@@ -256,6 +312,7 @@ class Engine:
     def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict) -> None:
         """DeepSpeed checkpoint ``save_dir/tag`` (model, optimizer and loss scaler, LR schedule, counters,
         ``client_state``).  Every rank must call this."""
+        self.settle()
         self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=True)
 
     def load_checkpoint(self, load_dir: str | Path, tag: str) -> dict:
@@ -265,6 +322,7 @@ class Engine:
         Raises:
             RuntimeError: when DeepSpeed could not load it.
         """
+        self.settle()
         path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
         if path is None:
@@ -478,7 +536,7 @@ def fp16_advice(cause: str) -> str:
 
 
 def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda: Callable[[int], float],
-                 adamw: dict, launcher: str, foreach_checks: bool = True) -> Engine:
+                 adamw: dict, launcher: str, foreach_checks: bool = True, defer_overflow: bool = True) -> Engine:
     """Wrap ``model`` in a DeepSpeed engine with the resolved ``config`` (every rank must call this).
 
     DeepSpeed always builds the optimizer from the config's ``optimizer`` section; when the config has
@@ -496,6 +554,8 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         launcher: ``accelerate`` builds through ``Accelerator``; anything else through ``deepspeed.initialize``.
         foreach_checks: replace ZeRO's per-tensor overflow and norm loops (:func:`use_foreach_grad_checks`);
             the result is in ``Engine.foreach_checks``.
+        defer_overflow: give a ZeRO-1/2 fp16 optimizer the step without host synchronisations
+            (:func:`pipeline.fp16_step.install`); ``Engine.deferred`` holds it, or ``None`` where it does not apply.
     """
     import deepspeed
 
@@ -532,6 +592,10 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
                                                   lr_scheduler=make_scheduler)
         engine = Engine(ds_engine, config, precision, "deepspeed", launcher)
     engine.foreach_checks = bool(foreach_checks) and use_foreach_grad_checks(ds_engine.optimizer)
+    if defer_overflow:
+        from pipeline import fp16_step
+
+        engine.deferred = fp16_step.install(ds_engine)
     return engine
 
 

@@ -5,7 +5,7 @@ resolve precision and the DeepSpeed config, wrap the model (:mod:`pipeline.engin
 gradient accumulation, warmup + cosine LR, global-norm clipping and fp16 loss scaling, evaluate on the
 whole validation split, sample text, checkpoint (:mod:`pipeline.checkpoint`), and export a Hugging Face
 model.  A stage changes the objective with ``loss_fn(model, batch) -> (loss, extra_metrics)`` and acts
-after every applied optimizer step with ``after_step(engine)``.
+after every optimizer step with ``after_step(engine)``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from pipeline.tokens import BlockDataset, load_tokens
 
 #: fields that change how a run is driven, not what it computes (left out of the config hash)
 # settings that do not change what is computed (beyond rounding): a checkpoint resumes across them
-RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks", "watchdog_s")
+RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks", "defer_overflow",
+               "watchdog_s")
 
 
 class TrainingHalted(RuntimeError):
@@ -76,6 +77,9 @@ class TrainConfig(CommonConfig):
         "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto")
     foreach_checks: bool = doc("Multi-tensor overflow checks (ZeRO-1/2) and gradient norm (ZeRO-1/2/3), which in "
                                "fp16 adds no host synchronisation (pipeline.engine.use_foreach_grad_checks).", True)
+    defer_overflow: bool = doc("ZeRO-1/2 fp16: launch each optimizer step without waiting for its overflow check, "
+                               "which the host reads before the next backward; same updates and skips, no host "
+                               "synchronisation per step (pipeline.fp16_step).", True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
     max_skipped_fraction: float = doc("Stop when more than this share of the last skip_window steps overflowed.",
                                       0.5)
@@ -248,12 +252,13 @@ def build_training_engine(model: torch.nn.Module, cfg: TrainConfig, resolved: di
     one log line saying what was chosen.  Every rank must call this."""
     engine = build_engine(model, resolved, precision, lr_lambda,
                           dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay),
-                          launcher, foreach_checks=cfg.foreach_checks)
+                          launcher, foreach_checks=cfg.foreach_checks, defer_overflow=cfg.defer_overflow)
     deepcompile = bool((engine.config.get("compile") or {}).get("deepcompile"))  # as adapted to the device
     use_compile, why = compile_policy(cfg.compile, device_type, engine.zero_stage, deepcompile)
     if use_compile:
         engine.compile()  # every rank
-    return engine, f"{why}; multi-tensor overflow/norm checks {'on' if engine.foreach_checks else 'off'}"
+    return engine, (f"{why}; multi-tensor overflow/norm checks {'on' if engine.foreach_checks else 'off'}; "
+                    f"deferred fp16 overflow check {'on' if engine.deferred is not None else 'off'}")
 
 
 def compile_policy(setting: str, device_type: str, zero_stage: int, deepcompile: bool = False) -> tuple[bool, str]:
@@ -460,8 +465,10 @@ def run_training(
             engine (callable like the model); ``batch`` an int64 ``(B, T+1)`` tensor on the device; the extra
             metrics (names such as ``kd/kl``, floats or 0-d tensors) are averaged over the accumulation window
             and the ranks and logged with the training metrics.
-        after_step: called with the :class:`~pipeline.engine.Engine` after every applied optimizer step
-            (stage 04 re-applies pruning masks there).  Every rank calls it.
+        after_step: called with the :class:`~pipeline.engine.Engine` after every optimizer step, applied or
+            skipped (stage 04 re-applies pruning masks there).  A skipped step changed no weight, so the hook must
+            be harmless to repeat, as re-applying masks is: whether a step was applied is known only at the next
+            backward (the deferred fp16 overflow check).  Every rank calls it.
         extra_modules: further modules (a teacher) moved to the engine's device and dtype, in eval mode.
         client_state_hook: returns more items for each checkpoint's client state.
         restore_hook: receives the client state when resuming.
@@ -590,10 +597,19 @@ def run_training(
     val_loss = val_ppl = float("nan")
     t_log, steps_since_log, tps_sum, tps_n = time.perf_counter(), 0, 0.0, 0
     last_mfu = None
+    unchecked: tuple[int, Any] | None = None  # (step, StepResult) the fp16 health monitor has not seen yet
+
+    def check_health() -> None:
+        nonlocal unchecked
+        if unchecked is not None:
+            at, r = unchecked
+            unchecked = None
+            monitor.update(r.applied, r.loss_scale, at)  # raises FP16HealthError
+
     try:
         while step < cfg.max_steps:
             arm_watchdog(cfg.watchdog_s)  # restarted every step: covers the step, its evaluation and checkpoint
-            lr_now = engine.lr()
+            lr_now = None
             loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
             extras: dict[str, torch.Tensor] = {}
             for idx in sampler.next_step():
@@ -603,6 +619,11 @@ def run_training(
                 batch = batch.to(engine.device, non_blocking=True)
                 loss, extra = loss_fn(engine, batch)
                 engine.backward(loss)
+                if lr_now is None:
+                    # the previous step's outcome was read before this backward scaled its loss (deferred fp16
+                    # overflow check), so neither of these waits for the GPU; the LR is the one this step uses
+                    check_health()
+                    lr_now = engine.lr()
                 engine.step()
                 loss_acc += loss.detach().float()
                 for k, v in extra.items():
@@ -611,12 +632,16 @@ def run_training(
             step += 1
             tokens_seen += global_tokens
             steps_since_log += 1
-            res = engine.last_step()
-            monitor.update(res.applied, res.loss_scale, step)  # raises FP16HealthError
-            if res.applied and after_step is not None:
+            res = engine.last_step()  # with the deferred overflow check, settled at the next backward
+            unchecked = (step, res)
+            if after_step is not None:
                 after_step(engine)
             if bar is not None:
                 bar.update(1)
+            halting = bool(cfg.halt_after_step) and step == cfg.halt_after_step and step < cfg.max_steps
+            if halting or step == cfg.max_steps or any(
+                    step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.save_interval)):
+                check_health()  # a step that logs, evaluates or saves reads its own outcome (one wait for the GPU)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 # mean over the accumulation window and the ranks: the global batch's mean token loss
                 vals = torch.stack([loss_acc, *extras.values()]) / cfg.grad_accum
@@ -648,7 +673,7 @@ def run_training(
             if step % cfg.save_interval == 0 or step == cfg.max_steps:
                 save_ckpt(step)
                 t_log = time.perf_counter()
-            if cfg.halt_after_step and step == cfg.halt_after_step and step < cfg.max_steps:
+            if halting:
                 raise TrainingHalted(f"halted after step {step} (--halt_after_step); resume with --resume auto")
         if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
             val_loss, val_ppl = run_eval(step)

@@ -1,0 +1,139 @@
+"""The deferred fp16 overflow check (pipeline.fp16_step) makes DeepSpeed's decisions, step by step.
+
+DeepSpeed's CPU accelerator refuses fp16, so these tests let it claim fp16 support and run real ZeRO-1/2 fp16
+engines on a tiny LLaMA in this process: one with DeepSpeed's own step, one with the deferred step, fed the same
+batches, with overflows forced by an infinite loss.  (On CUDA the same code runs for real; results/bench/NOTES.md.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.train import token_cross_entropy
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="builds CPU engines in-process")
+
+LR, EPS = 1e-2, 1e-3  # a large epsilon makes the update depend on the gradients' scale (unscaling is checked)
+
+
+@pytest.fixture
+def cpu_fp16(monkeypatch):
+    """DeepSpeed's CPU accelerator, claiming fp16 support for this test."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
+
+
+def _engine(template: str, defer: bool, grad_accum: int = 1, fp16: dict | None = None, precision: str = "fp16"):
+    from conftest import ROOT
+
+    from pipeline.ds_config import load_template, resolve_ds_config
+    from pipeline.engine import build_engine, init_distributed
+    from pipeline.model import ModelConfig, build_model
+
+    launcher = init_distributed()
+    model = build_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=192), 128, 32,
+                        seed=0)
+    tpl, _ = load_template(ROOT / "ds_configs" / f"{template}.json")
+    tpl["fp16"].update(fp16 or {})
+    cfg = resolve_ds_config(tpl, micro_batch_size=2, grad_accum=grad_accum, world_size=1, lr=LR, weight_decay=0.1,
+                            betas=(0.9, 0.95), eps=EPS, grad_clip=1.0, precision=precision)
+    return build_engine(model, cfg, precision, lambda s: min(1.0, (s + 1) / 4),  # warmup: a held step shows
+                        dict(lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=0.1), launcher, defer_overflow=defer)
+
+
+def _micro_step(engine, batch: torch.Tensor, overflow: bool) -> float:
+    loss = token_cross_entropy(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+    if overflow:
+        loss = loss * float("inf")  # every gradient inf/NaN: the step must be skipped
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def _master(engine) -> torch.Tensor:
+    return torch.cat([p.detach().clone() for p in engine.ds.optimizer.single_partition_of_fp32_groups])
+
+
+@pytest.mark.parametrize("template,grad_accum", [("zero2_fp16", 1), ("zero2_fp16", 2), ("zero1_fp16", 1)])
+def test_deferred_step_makes_deepspeeds_decisions(cpu_fp16, template, grad_accum):
+    ref, new = _engine(template, defer=False, grad_accum=grad_accum), _engine(template, defer=True,
+                                                                              grad_accum=grad_accum)
+    assert ref.deferred is None and new.deferred is not None
+    start = _master(ref)
+    assert torch.equal(start, _master(new))
+    overflow_steps = {2, 3, 5}  # two in a row: hysteresis 2 halves the scale on the second
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for step in range(8):
+        batches = [torch.randint(0, 128, (2, 33), generator=g) for _ in range(grad_accum)]
+        bad = step in overflow_steps
+        losses = {}
+        for name, engine in (("ref", ref), ("new", new)):
+            for k, b in enumerate(batches):
+                losses[name] = _micro_step(engine, b, bad and k == grad_accum - 1)
+        r_ref, r_new = ref.last_step(), new.last_step()
+        # the deferred step has not read its flag yet: nothing waited for the GPU
+        assert not r_new.known and new.deferred.pending is not None
+        assert (r_new.applied, r_new.loss_scale) == (r_ref.applied, r_ref.loss_scale) == (not bad, r_ref.loss_scale)
+        assert new.skipped_steps == ref.skipped_steps and new.ds.global_steps == ref.ds.global_steps
+        assert new.lr() == ref.lr()  # the held LR-schedule step was made only for applied steps
+        if bad:
+            assert math.isinf(r_new.grad_norm) and math.isinf(r_ref.grad_norm)
+        else:
+            assert losses["new"] == pytest.approx(losses["ref"], rel=1e-3)
+            assert r_new.grad_norm == pytest.approx(r_ref.grad_norm, rel=1e-3)
+        if step == 0:  # same state, same gradients: the same update to float rounding
+            assert (_master(new) - _master(ref)).abs().max() < 1e-6
+        seen.append((r_ref.applied, r_ref.loss_scale))
+    assert seen[2] == (False, 2.0**16) and seen[3] == (False, 2.0**15) and seen[5][1] == 2.0**14
+    assert ref.skipped_steps == 3
+    # later steps differ by fp16 rounding only (a weight that rounds the other way): small against the movement
+    moved = (_master(ref) - start).abs().max()
+    assert (_master(new) - _master(ref)).abs().max() < 0.05 * moved
+    # what a checkpoint holds: loss scaler, optimizer step counts, LR schedule
+    o_ref, o_new = ref.ds.optimizer, new.ds.optimizer
+    assert vars(o_new.loss_scaler) == vars(o_ref.loss_scaler)
+    steps_ref = [float(s["step"]) for s in o_ref.optimizer.state.values()]
+    assert steps_ref == [5.0, 5.0] and [float(s["step"]) for s in o_new.optimizer.state.values()] == steps_ref
+    assert new.ds.lr_scheduler.state_dict() == ref.ds.lr_scheduler.state_dict()
+
+
+def test_the_outcome_is_known_after_the_next_backward(cpu_fp16):
+    engine = _engine("zero2_fp16", defer=True)
+    batch = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1))
+    _micro_step(engine, batch, overflow=True)
+    first = engine.last_step()
+    assert not first.known
+    loss = token_cross_entropy(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+    engine.backward(loss)  # reads the flag before scaling this loss
+    assert first.known and not first.applied and engine.deferred.pending is None
+    assert engine.deferred.host_reads == 1 and engine.deferred.waits == 0  # off CUDA the copy is synchronous
+    engine.step()
+    second = engine.last_step()
+    assert second is not first and second.applied  # read on demand: the property settles it
+    assert engine.skipped_steps == 1
+
+
+def test_overflow_at_the_minimum_loss_scale_stops_at_the_next_read(cpu_fp16):
+    from pipeline.engine import FP16HealthError
+
+    engine = _engine("zero2_fp16", defer=True, fp16=dict(initial_scale_power=0, min_loss_scale=1, hysteresis=1))
+    batch = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(2))
+    _micro_step(engine, batch, overflow=True)  # launched: the host does not know yet
+    with pytest.raises(FP16HealthError, match="minimum"):
+        engine.settle()
+
+
+def test_deferred_step_only_where_it_applies(cpu_fp16):
+    from pipeline.fp16_step import why_not
+
+    bf16 = _engine("zero2_bf16", defer=True, precision="bf16")
+    assert bf16.deferred is None and "fp16" in why_not(bf16.ds)
+    off = _engine("zero2_fp16", defer=False)
+    assert off.deferred is None and why_not(off.ds) is None
+    z3 = _engine("zero3_fp16", defer=True)
+    assert z3.deferred is None and "DeepSpeedZeroOptimizer" in why_not(z3.ds)
