@@ -11,6 +11,8 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
   (``--compile auto``, multi-tensor overflow/norm checks);
 - ``+eager`` / ``+compile``: force the model (and loss) eager or compiled;
 - ``+noforeach``: DeepSpeed's own per-tensor overflow and gradient-norm loops;
+- ``+nodefer``: DeepSpeed's own ZeRO-1/2 fp16 step, which reads the overflow flag before launching the update
+  (the product defers that read to the next backward: ``pipeline.fp16_step``);
 - ``+bucket=N``: ZeRO ``reduce_bucket_size`` N elements, and for ZeRO-1/2 ``allgather_bucket_size`` too;
 - ``+nooverlap``: ZeRO ``overlap_comm`` false;
 - ``+deepcompile``: DeepSpeed's DeepCompile (``"compile": {"deepcompile": true}``), compiled;
@@ -70,7 +72,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-OPTIONS = ("eager", "compile", "noforeach", "bucket", "nooverlap", "deepcompile", "nodeepcompile", "noreducescatter",
+OPTIONS = ("eager", "compile", "noforeach", "nodefer", "bucket", "nooverlap", "deepcompile", "nodeepcompile", "noreducescatter",
            "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile", "syncs", "trace")
 NUMERIC = ("bucket", "mb", "prefetch", "persist")
 #: decoder-layer classes that ``+leaf`` makes ZeRO-3 leaf modules (classes absent from the model are ignored)
@@ -275,6 +277,9 @@ def worker(args: argparse.Namespace) -> None:
         ce = compiled_token_cross_entropy if cuda else token_cross_entropy
         info.update(compiled=cuda)
 
+        def outcome() -> dict:
+            return {}
+
         def step(batch):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 x, y = batch[:, :-1], batch[:, 1:]
@@ -318,13 +323,19 @@ def worker(args: argparse.Namespace) -> None:
             raise SystemExit(f"{args.config}: fp16 does not run on DeepSpeed's CPU accelerator")
         cfg.micro_batch_size, cfg.grad_accum = mb, 1
         cfg.foreach_checks = not opts.get("noforeach")
+        cfg.defer_overflow = not opts.get("nodefer")
         cfg.compile = "on" if (opts.get("compile") or opts.get("deepcompile")) else "off" if opts.get("eager") else "auto"
         dsc = resolve_run_ds_config(cfg, tpl, world, precision)
         engine, why = build_training_engine(model, cfg, dsc, precision, lambda s: 1.0, launcher, device_type())
         info.update(compiled=engine.compiled, compile_policy=why, foreach_checks=engine.foreach_checks,
-                    zero_optimization=dsc.get("zero_optimization"))
+                    deferred_overflow=engine.deferred is not None, zero_optimization=dsc.get("zero_optimization"))
 
         sync_norm = bool(opts.get("syncnorm"))
+
+        def outcome() -> dict:  # fp16 skips change what a step costs: every row says how many there were
+            d = engine.deferred
+            return dict(skipped_steps=engine.skipped_steps, loss_scale=engine.loss_scale(),
+                        deferred_reads=d.host_reads if d else None, deferred_waits=d.waits if d else None)
 
         def step(batch):
             loss, _ = causal_lm_loss(engine, batch)
@@ -375,7 +386,8 @@ def worker(args: argparse.Namespace) -> None:
         row = dict(config=args.config, template=template, preset=preset, gpus=world, gpu_ids=gpu,
                    precision=precision, micro_batch=mb, seq_len=seq, n_params=n_params, flops_per_token=fpt,
                    step_s=dt, window_step_s=windows, warmup_s=warm_s, tokens_per_s_per_gpu=tok_per_gpu,
-                   tflops_per_gpu=tok_per_gpu * fpt / 1e12, peak_mem_gib=max(mems), final_loss=float(loss), **info)
+                   tflops_per_gpu=tok_per_gpu * fpt / 1e12, peak_mem_gib=max(mems), final_loss=float(loss), **info,
+                   **outcome())
         if prof:
             row["profile"] = prof
         if opts.get("syncs"):
@@ -467,6 +479,7 @@ def driver(args: argparse.Namespace) -> None:
     specs = [s for s in args.configs.split(",") if s]
     for s in specs:
         parse_config(s)  # refuse a misspelled configuration before anything runs
+    specs = specs * args.repeat  # rounds in turn: each configuration's spread across rounds is the run's noise
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu for the smoke mode)")
@@ -486,8 +499,8 @@ def driver(args: argparse.Namespace) -> None:
         path.write_text(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S"), gpu=name,
                                         measured_peak_bf16_tflops=peak, preset=args.preset, vocab=args.vocab,
                                         seq_len=args.seq_len, steps=args.steps, windows=args.windows,
-                                        warmup=args.warmup,
-                                        versions=versions, rows=rows), indent=1))
+                                        warmup=args.warmup, repeat=args.repeat,
+                                        versions=versions, rows=rows, summary=summarize(rows)), indent=1))
 
     def report(row: dict) -> None:
         if row.get("failed"):
@@ -554,6 +567,7 @@ def driver(args: argparse.Namespace) -> None:
             for c, where in hs["sites"]:
                 print(f"  {c:5.2f}  {where}")
     print_table(rows, name, peak, args, versions)
+    print_summary(summarize(rows))
     print(f"-> {path}")
 
 
@@ -581,6 +595,47 @@ def finish(rows: list[dict], peak: float | None) -> None:
         r["baseline_runs"] = [b["tokens_per_s_per_gpu"] for b in bases]
         r["ratio_to_baseline"] = r["tokens_per_s_per_gpu"] / base if base else None
         r["weak_scaling"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"] if one else None
+
+
+#: options that only add measurements after the timed steps (rows with them time the same configuration)
+MEASURE_ONLY = ("profile", "syncs", "trace")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per configuration measured more than once (``--repeat``, or listed twice): the median of its rows'
+    tokens/s per GPU, their range, and the ratio of that median to the median of the ``baseline`` rows of the same
+    GPU count, preset and micro-batch.  Rows that differ only in measurement-only options (:data:`MEASURE_ONLY`)
+    count as the same configuration.  Medians of rounds taken in turn are what to compare: they are robust to one
+    slow job (a cold GPU, a neighbour's load)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("failed"):
+            continue
+        base, *opts = r["config"].split("+")
+        kept = "+".join([base] + [o for o in opts if o.partition("=")[0] not in MEASURE_ONLY])
+        groups.setdefault((kept, r["gpus"], r["preset"], r["micro_batch"]), []).append(r)
+    medians = {k: statistics.median(x["tokens_per_s_per_gpu"] for x in g) for k, g in groups.items()}
+    out = []
+    for (config, gpus, preset, mb), g in groups.items():
+        if len(g) < 2:
+            continue
+        tps = [x["tokens_per_s_per_gpu"] for x in g]
+        base = medians.get(("baseline", gpus, preset, mb))
+        med = medians[(config, gpus, preset, mb)]
+        out.append(dict(config=config, gpus=gpus, preset=preset, micro_batch=mb, n=len(g), median_tokens_per_s=med,
+                        min_tokens_per_s=min(tps), max_tokens_per_s=max(tps),
+                        median_ratio_to_baseline=med / base if base else None))
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    if not summary:
+        return
+    print("\nmedian over rounds (configurations measured more than once):")
+    for s in summary:
+        ratio = f"{s['median_ratio_to_baseline']:.3f}x" if s["median_ratio_to_baseline"] else "-"
+        print(f"{s['config']:>34} {s['gpus']} GPU(s) n={s['n']}: median {s['median_tokens_per_s']:>10,.0f} tok/s/GPU "
+              f"(range {s['min_tokens_per_s']:,.0f}-{s['max_tokens_per_s']:,.0f}), {ratio} the baseline's median")
 
 
 def print_table(rows: list[dict], name: str, peak: float | None, args: argparse.Namespace, versions: dict) -> None:
@@ -611,8 +666,11 @@ def main() -> None:
     ap.add_argument("--micro_batch", type=int, default=0, help="override the preset's micro-batch for every row")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=24, help="timed optimizer steps")
-    ap.add_argument("--windows", type=int, default=3, help="timing windows the timed steps are split into")
+    ap.add_argument("--steps", type=int, default=60, help="timed optimizer steps")
+    ap.add_argument("--windows", type=int, default=5, help="timing windows the timed steps are split into")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the configuration list this many times in turn; a summary gives each configuration's "
+                         "median over the rounds and its ratio to the baseline's median")
     ap.add_argument("--warmup", type=int, default=6, help="untimed optimizer steps first")
     ap.add_argument("--parallel", action="store_true", help="one-GPU jobs side by side, one per visible GPU")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per job")
@@ -623,7 +681,7 @@ def main() -> None:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    for k in ("steps", "windows", "seq_len", "vocab"):
+    for k in ("steps", "windows", "seq_len", "vocab", "repeat"):
         if getattr(args, k) < 1:
             ap.error(f"--{k} must be positive")
     if args.warmup < 1:

@@ -224,6 +224,29 @@ def test_bench_pretrain_cpu_smoke(tmp_path):
     assert z3["zero_optimization"]["leaf_module"]["classes"][0].endswith("LlamaDecoderLayer")
     assert all(r["tokens_per_s_per_gpu"] > 0 and math.isfinite(r["final_loss"]) for r in rows)
     assert "aten::" in next(tmp_path.glob("profiles-*.txt")).read_text()
+    assert eng["deferred_overflow"] is False and eng["skipped_steps"] == 0  # bf16: nothing to defer
+    (summary,) = json.loads(path.read_text())["summary"]  # only the baseline was measured twice
+    assert summary["config"] == "baseline" and summary["n"] == 2 and summary["median_ratio_to_baseline"] == 1.0
+
+
+def test_bench_summary_takes_medians_over_rounds():
+    """--repeat rounds: each configuration's median, its range, and the ratio of medians; rows that differ only
+    by a measurement-only option (+syncs) are the same configuration."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_pretrain import summarize
+
+    def row(config, tps, gpus=1):
+        return dict(config=config, gpus=gpus, preset="124m", micro_batch=16, tokens_per_s_per_gpu=tps)
+
+    rows = [row("baseline", 100.0), row("zero2_fp16+syncs", 90.0), row("baseline", 130.0), row("zero2_fp16", 120.0),
+            row("baseline", 110.0), row("zero2_fp16", 115.0), row("zero1_fp16", 99.0), row("baseline", 50.0, gpus=2),
+            dict(config="zero2_fp16", gpus=1, failed=True)]
+    by = {s["config"]: s for s in summarize(rows)}
+    assert set(by) == {"baseline", "zero2_fp16"}  # measured once: no summary line
+    z2 = by["zero2_fp16"]
+    assert (z2["n"], z2["median_tokens_per_s"], z2["min_tokens_per_s"], z2["max_tokens_per_s"]) == (3, 115.0, 90.0,
+                                                                                                    120.0)
+    assert z2["median_ratio_to_baseline"] == pytest.approx(115.0 / 110.0)
 
 
 def test_bench_pretrain_refuses_unknown_configuration():
