@@ -596,6 +596,8 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         from pipeline import fp16_step
 
         engine.deferred = fp16_step.install(ds_engine)
+        if engine.deferred is not None:
+            engine.deferred.reader = engine.settle  # a StepResult read early raises FP16HealthError too
     return engine
 
 

@@ -176,6 +176,7 @@ class DeferredOverflowStep:
         self.result = None
         self.host_reads = 0
         self.waits = 0
+        self.reader = self.resolve  # what a StepResult calls to read its outcome (the Engine puts its settle here)
         self._device_steps: dict[int, tuple[int, torch.Tensor]] = {}  # id(param) -> (host count, device count)
         if ds_engine.lr_scheduler is not None and not isinstance(ds_engine.lr_scheduler, _HeldScheduler):
             ds_engine.lr_scheduler = _HeldScheduler(ds_engine.lr_scheduler)
@@ -342,7 +343,7 @@ class DeferredOverflowStep:
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        self.result = self._step_result(grad_norm_value=opt._global_grad_norm, settle=self.resolve)
+        self.result = self._step_result(grad_norm_value=opt._global_grad_norm, settle=self.reader)
         self.pending = _Pending(flag_host, event, on_applied, self.result)
 
     # -- reading the outcome -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ batches, with overflows forced by an infinite loss.  (On CUDA the same code runs
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def _engine(template: str, defer: bool, grad_accum: int = 1, fp16: dict | None =
                         seed=0)
     tpl, _ = load_template(ROOT / "ds_configs" / f"{template}.json")
     tpl["fp16"].update(fp16 or {})
-    cfg = resolve_ds_config(tpl, micro_batch_size=2, grad_accum=grad_accum, world_size=1, lr=LR, weight_decay=0.1,
-                            betas=(0.9, 0.95), eps=EPS, grad_clip=1.0, precision=precision)
+    cfg = resolve_ds_config(tpl, micro_batch_size=2, grad_accum=grad_accum, world_size=torch.distributed.get_world_size(),
+                            lr=LR, weight_decay=0.1, betas=(0.9, 0.95), eps=EPS, grad_clip=1.0, precision=precision)
     return build_engine(model, cfg, precision, lambda s: min(1.0, (s + 1) / 4),  # warmup: a held step shows
                         dict(lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=0.1), launcher, defer_overflow=defer)
 
@@ -125,6 +126,9 @@ def test_overflow_at_the_minimum_loss_scale_stops_at_the_next_read(cpu_fp16):
     batch = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(2))
     _micro_step(engine, batch, overflow=True)  # launched: the host does not know yet
     with pytest.raises(FP16HealthError, match="minimum"):
+        engine.last_step().applied  # noqa: B018 - reading it reads the flag (the training loop's health check)
+    _micro_step(engine, batch, overflow=True)
+    with pytest.raises(FP16HealthError, match="minimum"):
         engine.settle()
 
 
@@ -137,3 +141,59 @@ def test_deferred_step_only_where_it_applies(cpu_fp16):
     assert off.deferred is None and why_not(off.ds) is None
     z3 = _engine("zero3_fp16", defer=True)
     assert z3.deferred is None and "DeepSpeedZeroOptimizer" in why_not(z3.ds)
+
+
+@pytest.mark.dist
+def test_two_ranks_skip_together_and_keep_partitions_in_step(tmp_path):
+    """Two CPU ranks under the deepspeed launcher (ZeRO-2 partitions the fp32 master weights and the optimizer
+    state): an overflow on one rank only skips the step on both, and every rank's partition moves as under
+    DeepSpeed's own step."""
+    import json
+    import os
+    import subprocess
+    import textwrap
+
+    from conftest import BIN, DIST_VARS, ROOT
+    from test_pretrain_dist import free_port
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(
+        """
+        import json, os, sys
+        import torch
+        sys.path.insert(0, "tests")
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+        from test_fp16_step import _engine, _master, _micro_step
+        ref, new = _engine("zero2_fp16", defer=False), _engine("zero2_fp16", defer=True)
+        rank = torch.distributed.get_rank()
+        start = _master(ref)
+        g = torch.Generator().manual_seed(10 + rank)  # each rank its own data
+        rows = []
+        for step in range(6):
+            batch = torch.randint(0, 128, (2, 33), generator=g)
+            for engine in (ref, new):
+                _micro_step(engine, batch, overflow=(step == 2 and rank == 1))
+            a, b = ref.last_step(), new.last_step()
+            rows.append([a.applied, b.applied, a.loss_scale, b.loss_scale, ref.lr(), new.lr()])
+        json.dump(dict(rows=rows, diff=float((_master(new) - _master(ref)).abs().max()),
+                       moved=float((_master(ref) - start).abs().max()), numel=start.numel(),
+                       total=sum(p.numel() for p in ref.module.parameters())), open(f"{sys.argv[1]}.{rank}", "w"))
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # no interpreter teardown (see test_accelerate_launch_with_yaml_and_resolved_plugin)
+        """))
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "out"
+    p = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port",
+                        str(free_port()), str(script), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads(Path(f"{out}.{rank}").read_text())
+        assert r["numel"] < r["total"]  # a partition, not the whole model
+        applied = [(row[0], row[1]) for row in r["rows"]]
+        assert applied == [(True, True), (True, True), (False, False), (True, True), (True, True), (True, True)]
+        assert all(row[2] == row[3] and row[4] == row[5] for row in r["rows"])
+        assert r["diff"] < 0.05 * r["moved"]
