@@ -197,3 +197,28 @@ def test_two_ranks_skip_together_and_keep_partitions_in_step(tmp_path):
         assert applied == [(True, True), (True, True), (False, False), (True, True), (True, True), (True, True)]
         assert all(row[2] == row[3] and row[4] == row[5] for row in r["rows"])
         assert r["diff"] < 0.05 * r["moved"]
+
+
+def test_a_checkpoint_taken_between_deferred_steps_resumes_the_same_run(cpu_fp16, tmp_path):
+    """Saving settles the pending step (loss scaler, skip count, LR schedule and optimizer step count in the
+    checkpoint); a resumed engine re-reads the step count and continues exactly as the uninterrupted one."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 128, (2, 33), generator=g) for _ in range(7)]
+    whole = _engine("zero2_fp16", defer=True)
+    for i, b in enumerate(batches[:3]):
+        _micro_step(whole, b, overflow=i == 1)
+    assert not whole.last_step().known
+    whole.save_checkpoint(tmp_path, "step3", {})
+    assert whole.last_step().known and whole.skipped_steps == 1
+    lr_at_save = whole.lr()
+    for b in batches[3:]:
+        _micro_step(whole, b, overflow=False)
+    resumed = _engine("zero2_fp16", defer=True)
+    resumed.load_checkpoint(tmp_path, "step3")
+    assert resumed.skipped_steps == 1 and resumed.lr() == lr_at_save == LR * 3 / 4  # warmup after 2 applied steps
+    for b in batches[3:]:
+        _micro_step(resumed, b, overflow=False)
+    assert torch.allclose(_master(resumed), _master(whole), rtol=0, atol=1e-6)
+    assert (resumed.lr(), resumed.loss_scale(), resumed.skipped_steps) == (whole.lr(), whole.loss_scale(), 1)
+    steps = [float(s["step"]) for s in resumed.ds.optimizer.optimizer.state.values()]
+    assert steps == [float(s["step"]) for s in whole.ds.optimizer.optimizer.state.values()] == [6.0, 6.0]
