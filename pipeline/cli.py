@@ -16,8 +16,7 @@ def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[
 
     A :class:`ConfigError`, :class:`StageError` or other ``ValueError`` raised for bad input is printed as
     ``error: ...`` (rank 0 only, no traceback) and exits with status 2.  After a stage that succeeded, the
-    process group (if one was made) is destroyed before the interpreter exits, as PyTorch asks; left to
-    interpreter shutdown, a gloo rank was once seen to abort ("terminate called without an active exception").
+    process group (if one was made) is ended with :func:`pipeline.dist.shutdown` before the interpreter exits.
     """
     try:
         cfg = parse_cli(cfg_cls, argv, stage)
@@ -26,11 +25,4 @@ def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[
         if dist.is_rank0():
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    _destroy_process_group()
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()  # every rank (each ends its stage here)
+    dist.shutdown()  # every rank (each ends its stage here)

@@ -72,3 +72,16 @@ def barrier() -> None:
 
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
+
+
+def shutdown() -> None:
+    """End the process group: a barrier, so that no rank closes its connections while another is still in a
+    collective, then ``destroy_process_group`` (no-op without a group).  Every rank must call it.
+
+    PyTorch asks for the destroy before exit; a gloo rank left to interpreter shutdown can abort with
+    "terminate called without an active exception" (pytorch/pytorch#190489, seen here in two-rank CPU runs)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()  # every rank
+        tdist.destroy_process_group()  # every rank

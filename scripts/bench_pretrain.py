@@ -395,8 +395,9 @@ def worker(args: argparse.Namespace) -> None:
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(row))
         tmp.replace(args.out)  # atomic: a job killed mid-write leaves no half row
-    tdist.barrier()
-    tdist.destroy_process_group()
+    from pipeline import dist
+
+    dist.shutdown()  # every rank
 
 
 _JOB_IDS = itertools.count()

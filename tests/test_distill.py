@@ -569,3 +569,10 @@ if __name__ == "__main__":
         _mask_worker(json.loads(sys.argv[2]), sys.argv[3])
     elif sys.argv[1] == "--teacher-worker":
         _teacher_worker(json.loads(sys.argv[2]), sys.argv[3])
+    from pipeline import dist
+
+    dist.shutdown()  # every rank
+    # no interpreter teardown: a gloo rank aborted there after its work ("terminate called without an active
+    # exception", 2026-12-02), which is not what these tests check
+    sys.stdout.flush()
+    os._exit(0)

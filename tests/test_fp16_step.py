@@ -179,7 +179,8 @@ def test_two_ranks_skip_together_and_keep_partitions_in_step(tmp_path):
         json.dump(dict(rows=rows, diff=float((_master(new) - _master(ref)).abs().max()),
                        moved=float((_master(ref) - start).abs().max()), numel=start.numel(),
                        total=sum(p.numel() for p in ref.module.parameters())), open(f"{sys.argv[1]}.{rank}", "w"))
-        torch.distributed.destroy_process_group()
+        from pipeline import dist
+        dist.shutdown()
         sys.stdout.flush()
         os._exit(0)  # no interpreter teardown (see test_accelerate_launch_with_yaml_and_resolved_plugin)
         """))

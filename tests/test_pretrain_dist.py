@@ -101,7 +101,7 @@ def test_two_ranks_train_and_export(tiny_run, stage, precision, expect):
 
 
 GRAD_SCRIPT = textwrap.dedent('''
-    import copy, json, sys
+    import copy, json, os, sys
     import torch
     sys.path.insert(0, sys.argv[3])
     from deepspeed.utils import safe_get_full_grad
@@ -148,7 +148,11 @@ GRAD_SCRIPT = textwrap.dedent('''
             worst = max(worst, float((g - p.grad).abs().max() / p.grad.abs().max()))
         result[stage] = {"worst_rel_err": worst, "n_params": len(grads), "samples": len(gb)}
     if rank == 0:
-        json.dump(result, open(out, "w"))
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.shutdown()  # every rank
+    sys.stdout.flush()
+    os._exit(0)  # no interpreter teardown: a gloo rank can abort there after its work (pipeline.dist.shutdown)
 ''')
 
 
