@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-#: the engine attribute that holds the installed step (see :func:`installed`)
+#: the engine attribute that holds the installed step (install is idempotent)
 _ATTR = "_pipeline_deferred_overflow"
 
 
@@ -80,6 +80,8 @@ def why_not(ds_engine: Any) -> str | None:
         return "model parallelism in use"
     if getattr(opt, "autoep_folding_tp_group", None) is not None:
         return "AutoEP folding in use"
+    if getattr(ds_engine, "pipeline_parallelism", False):
+        return "pipeline parallelism in use"
     monitor = getattr(ds_engine, "monitor", None)
     if monitor is not None and getattr(monitor, "enabled", False):
         return "DeepSpeed's monitor is on (it reads the loss scale inside step())"
@@ -108,11 +110,6 @@ def install(ds_engine: Any) -> DeferredOverflowStep | None:
         step = DeferredOverflowStep(ds_engine)
         setattr(ds_engine, _ATTR, step)
     return step
-
-
-def installed(ds_engine: Any) -> DeferredOverflowStep | None:
-    """The deferred-overflow step installed on ``ds_engine``, if any."""
-    return getattr(ds_engine, _ATTR, None)
 
 
 class _HeldScheduler:
