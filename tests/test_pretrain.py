@@ -277,12 +277,10 @@ def _fp16_template(tmp_path: Path, **fp16) -> str:
     return str(p)
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("case", ["skipped_share", "min_scale"])
-def test_fp16_health_stops_and_keeps_checkpoints(tiny_run, clean_env, tmp_path, case):
-    """A diverging run (lr 1e3) overflows every step: it stops with the cause and the options."""
-    results, run = tiny_run
+def _check_fp16_health_stop(results: Path, run: str, tmp_path: Path, case: str, log_every: int,
+                            save_every: int) -> None:
+    """A diverging run (lr 1e3) overflows every step: it stops with the cause and the options, and the
+    checkpoints saved before stay complete."""
     if case == "skipped_share":
         args = ["--ds_config", _fp16_template(tmp_path), "--skip_window", "8", "--max_skipped_fraction", "0.5"]
         match = "steps overflowed"
@@ -292,7 +290,7 @@ def test_fp16_health_stops_and_keeps_checkpoints(tiny_run, clean_env, tmp_path, 
         match = "minimum"
     with pytest.raises(StageError, match=match) as e:
         run_stage(results, run, "--precision", "fp16", "--lr", "1000", "--warmup_steps", "0", "--max_steps", "60",
-                  "--save_interval", "1", "--keep_last", "3", "--log_interval", "1", *args)
+                  "--save_interval", str(save_every), "--keep_last", "3", "--log_interval", str(log_every), *args)
     for word in ("bf16", "--lr", "min_loss_scale"):
         assert word in str(e.value)
     out = results / run / "02_pretrain"
@@ -301,6 +299,33 @@ def test_fp16_health_stops_and_keeps_checkpoints(tiny_run, clean_env, tmp_path, 
     assert rows[-1]["train/skipped_steps"] >= 1
     kept = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
     assert kept and all((p / "complete.json").is_file() for p in kept)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["skipped_share", "min_scale"])
+def test_fp16_health_stops_and_keeps_checkpoints(tiny_run, clean_env, tmp_path, case):
+    results, run = tiny_run
+    _check_fp16_health_stop(results, run, tmp_path, case, log_every=1, save_every=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes fp16 on DeepSpeed's CPU accelerator")
+@pytest.mark.parametrize("case,log_every,save_every", [("skipped_share", 3, 2), ("min_scale", 3, 3)])
+def test_fp16_health_stops_with_the_deferred_overflow_check(tiny_run, clean_env, tmp_path, monkeypatch, case,
+                                                           log_every, save_every):
+    """The same stop through the deferred fp16 overflow check (pipeline.fp16_step), on CPU with DeepSpeed's CPU
+    accelerator told it has fp16.  The intervals leave steps that neither log nor save, whose outcome is read at
+    the next backward: skipped_share's limit is crossed at step 5 and found at step 6; min_scale's step 4, at the
+    minimum scale, is read inside step 5's backward (Engine.backward raises)."""
+    from deepspeed.accelerator import get_accelerator
+
+    import pipeline.ds_config as dsc
+
+    resolve = dsc.resolve_precision
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
+    monkeypatch.setattr(dsc, "resolve_precision", lambda req, dev: ("fp16", None) if req == "fp16" else resolve(req, dev))
+    results, run = tiny_run
+    _check_fp16_health_stop(results, run, tmp_path, case, log_every, save_every)
 
 
 def test_cuda_arch_suffixes_are_dropped_for_deepspeed(monkeypatch):
