@@ -72,8 +72,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-OPTIONS = ("eager", "compile", "noforeach", "nodefer", "bucket", "nooverlap", "deepcompile", "nodeepcompile", "noreducescatter",
-           "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile", "syncs", "trace")
+OPTIONS = ("eager", "compile", "noforeach", "nodefer", "bucket", "nooverlap", "deepcompile", "nodeepcompile",
+           "noreducescatter", "leaf", "prefetch", "persist", "timers", "bf16", "syncnorm", "mb", "preset", "profile",
+           "syncs", "trace")
 NUMERIC = ("bucket", "mb", "prefetch", "persist")
 #: decoder-layer classes that ``+leaf`` makes ZeRO-3 leaf modules (classes absent from the model are ignored)
 LEAF_CLASSES = ["transformers.models.llama.modeling_llama.LlamaDecoderLayer",
