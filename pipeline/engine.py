@@ -392,6 +392,18 @@ class Engine:
         return out_dir
 
 
+def squared_norm_sum(gradients: list, device: Any) -> torch.Tensor:
+    """Sum over ``gradients`` of each tensor's squared L2 norm: a 0-d fp32 tensor on the device, computed with
+    multi-tensor kernels (``torch._foreach_norm`` with fp32 accumulation).  ``None`` entries, empty tensors and
+    ZeRO's alignment padding (``_zero_padding``) are left out; with nothing left the sum is 0 on ``device``.
+    No host synchronisation.  It is not finite exactly when some fp16 gradient is inf/NaN (see
+    :func:`use_foreach_grad_checks`)."""
+    grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+
+
 #: attribute set on a gradient-norm tensor known to be finite and non-negative (see use_foreach_grad_checks)
 _KNOWN_VALID = "_pipeline_norm_known_valid"
 
@@ -509,8 +521,7 @@ def use_foreach_grad_checks(optimizer: Any) -> bool:
                     autoep is not None and autoep(params) is not None):
                 # mixed groups (DeepSpeed raises) or AutoEP experts (one more all-reduce): DeepSpeed's own
                 return own_norm(optimizer, gradients, params, norm_type)
-        grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
-        total = _norms(grads).square().sum() if grads else torch.zeros((), device=optimizer.device)
+        total = squared_norm_sum(gradients, optimizer.device)
         ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=group)  # every rank
         total = total.sqrt()
         total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's invalid-norm sentinel, on the device

@@ -140,9 +140,7 @@ class _HeldScheduler:
 class _Pending:
     """One launched step whose overflow flag the host has not read yet."""
 
-    def __init__(self, flag_host: torch.Tensor, event: Any, on_applied: list, result: Any):
-        self.flag_host = flag_host  # page-locked copy of the flag (1.0: overflow)
-        self.event = event          # recorded after the copy (None off CUDA, where the copy is synchronous)
+    def __init__(self, on_applied: list, result: Any):
         self.on_applied = on_applied  # host step counters to advance if the step was applied
         self.result = result        # the StepResult to settle
 
@@ -169,6 +167,11 @@ class DeferredOverflowStep:
         self.decoupled = bool(inner.adam_w_mode) if self.ds_fused else (
             isinstance(inner, torch.optim.AdamW) or any(g.get("decoupled_weight_decay") for g in inner.param_groups))
         self.device = opt.single_partition_of_fp32_groups[0].device
+        cuda = self.device.type == "cuda"
+        # the pending step's overflow flag (1.0: overflow), page-locked so its copy does not stop the host, and
+        # the event recorded after that copy (none off CUDA, where the copy is synchronous)
+        self._flag_host = torch.zeros(1, dtype=torch.float32, pin_memory=cuda)
+        self._event = torch.cuda.Event() if cuda else None
         self.pending: _Pending | None = None
         self.result = None
         self.host_reads = 0
@@ -278,16 +281,13 @@ class DeferredOverflowStep:
         from deepspeed.runtime.utils import all_gather_dp_groups
         from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
+        from pipeline.engine import squared_norm_sum
+
         self.resolve()  # normally done already, before this step's backward
         opt = self.opt
         opt.micro_step_id = INITIAL_MICRO_STEP_ID
         n_groups = len(opt.bit16_groups)
-        grads = [g for i in range(n_groups) for g in (opt.averaged_gradients[i] or [])
-                 if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
-        if grads:
-            sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-        else:
-            sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        sq = squared_norm_sum([g for i in range(n_groups) for g in (opt.averaged_gradients[i] or [])], self.device)
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=opt.dp_process_group)  # every rank
         found_inf = (~torch.isfinite(sq)).float().view(1)
         norm = sq.sqrt()  # of the scaled gradients
@@ -333,15 +333,12 @@ class DeferredOverflowStep:
         # (torch.optim.lr_scheduler: the schedule's step() warns when the optimizer's has not run)
         opt.optimizer._opt_called = True
         opt.overflow = False  # provisional: the engine's _take_model_step reads it now; resolve() sets the truth
-        cuda = self.device.type == "cuda"
-        flag_host = torch.empty(1, dtype=torch.float32, pin_memory=cuda)
-        flag_host.copy_(found_inf, non_blocking=cuda)
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
+        # one buffer and one event serve every step: resolve() at the top of this method read the last flag
+        self._flag_host.copy_(found_inf, non_blocking=self._event is not None)
+        if self._event is not None:
+            self._event.record()
         self.result = self._step_result(grad_norm_value=opt._global_grad_norm, settle=self.reader)
-        self.pending = _Pending(flag_host, event, on_applied, self.result)
+        self.pending = _Pending(on_applied, self.result)
 
     # -- reading the outcome -----------------------------------------------------------------------
     def resolve(self) -> None:
@@ -358,12 +355,12 @@ class DeferredOverflowStep:
         if p is None:
             return
         self.pending = None
-        if p.event is not None:
-            if not p.event.query():
+        if self._event is not None:
+            if not self._event.query():
                 self.waits += 1
-            p.event.synchronize()
+            self._event.synchronize()
         self.host_reads += 1
-        overflow = bool(p.flag_host[0] != 0)
+        overflow = bool(self._flag_host[0] != 0)
         opt, ds = self.opt, self.ds
         opt.overflow = overflow
         ds._step_applied = not overflow
