@@ -500,6 +500,23 @@ def write_resolved(cfg: dict, out_dir: str | Path) -> Path:
     return path
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch detects it.
+
+    On CPUs without either (AVX2-only, many AVX-512 parts) PyTorch emulates bf16 GEMMs: one 2048×256×768
+    matmul measured 5× slower in bf16 than in fp32 on an AVX2 EPYC (``results/bench/NOTES.md``, 2026-12-03).
+    Reads PyTorch's private ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (present in
+    2.4-2.13); where neither exists, returns ``True`` (the behaviour before this check: bf16).
+    """
+    import torch
+
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [p for p in probes if callable(p)]
+    if not probes:
+        return True
+    return any(bool(p()) for p in probes)
+
+
 def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None]:
     """Turn ``--precision`` into the precision a device can train in.
 
@@ -510,7 +527,7 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None
 
     Returns:
         ``(precision, message)``: ``auto`` gives ``fp16`` (with DeepSpeed's dynamic loss scaling) on
-        CUDA and ``bf16`` elsewhere, where ``message`` is the one line to log about the fallback;
+        CUDA, ``fp32`` on a CPU without native bf16 (:func:`cpu_has_native_bf16`) and ``bf16`` elsewhere, where ``message`` is the one line to log about the fallback;
         ``message`` is ``None`` when nothing was changed.
 
     Raises:
@@ -522,6 +539,10 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None
     if requested == "auto":
         if device_type == "cuda":
             return "fp16", None
+        if device_type == "cpu" and not cpu_has_native_bf16():
+            return "fp32", (f"precision auto: fp16 cannot run on DeepSpeed's {device_type} accelerator, and this "
+                            "CPU has no native bf16 (no AVX-512 BF16 or AMX: bf16 matmuls are emulated, several "
+                            "times slower than fp32); using fp32 (--precision bf16 forces bf16)")
         return "bf16", (f"precision auto: fp16 cannot run on DeepSpeed's {device_type} accelerator; "
                         "using bf16 (no loss scaling needed)")
     if requested == "fp16" and device_type != "cuda":

@@ -21,6 +21,7 @@ from pipeline.ds_config import (
     DSConfigError,
     adapt_to_device,
     resolve_ds_config,
+    cpu_has_native_bf16,
     resolve_precision,
     templates,
     write_resolved,
@@ -186,7 +187,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 def test_precision_resolution():
     assert resolve_precision("auto", "cuda") == ("fp16", None)
     prec, msg = resolve_precision("auto", "cpu")
-    assert prec == "bf16" and "fp16" in msg and "bf16" in msg
+    assert prec == ("bf16" if cpu_has_native_bf16() else "fp32") and "fp16" in msg and prec in msg
     assert resolve_precision("fp32", "cpu") == ("fp32", None)
     assert resolve_precision("bf16", "cpu") == ("bf16", None)
     with pytest.raises(DSConfigError, match="bf16 or fp32"):
@@ -350,3 +351,15 @@ def test_accelerate_launch_with_yaml_and_resolved_plugin(tmp_path):
     for rank in (0, 1):
         r = json.loads(Path(f"{out}.{rank}").read_text())
         assert r == {"stage": 2, "world": 2, "train_batch_size": 4, "bf16": True}
+
+
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    prec, msg = resolve_precision("auto", "cpu")
+    assert prec == "fp32" and "no native bf16" in msg
+    assert resolve_precision("bf16", "cpu") == ("bf16", None)  # asked for by name: kept
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", "cpu")[0] == "bf16"
