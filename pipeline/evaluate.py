@@ -14,7 +14,9 @@ distilled from ``04_distill``) the stage measures
 - on CUDA: fp16 weights; latency eager and captured in a CUDA graph (removes per-call host overhead);
   models whose prunable weights follow the 2:4 pattern also run with
   ``torch.sparse.to_sparse_semi_structured`` weights, against the same model dense, per shape and per
-  linear-layer shape, so that the shapes where 2:4 loses are reported too.
+  linear-layer shape, so that the shapes where 2:4 loses are reported too;
+- decoding as a server runs it (``decode``, :mod:`pipeline.decode`): static KV cache, the decode step replayed
+  from a CUDA graph on CUDA (eager on CPU), every model interleaved: time to first token, ms per token, tok/s.
 
 Timings use ``torch.cuda.Event`` on CUDA and ``time.perf_counter`` on CPU, under ``torch.inference_mode``.
 """
@@ -70,6 +72,16 @@ class EvalConfig(CommonConfig):
                           "(ignored on CPU, where that kernel does not exist).", True)
     cuda_graphs: bool = doc("On CUDA, also time forward passes captured in a CUDA graph.", True)
     threads: int = doc("CPU threads for torch (0: torch's default).", 0)
+    decode: bool = doc("Also time greedy decoding as a server runs it (pipeline/decode.py: static KV cache, "
+                       "decode step replayed from a CUDA graph on CUDA, eager on CPU), every model interleaved.",
+                       True)
+    decode_batch_sizes: list[int] = doc("Batch sizes of the decode measurement (1 and a serving batch).",
+                                        default_factory=lambda: [1, 16])
+    decode_path: Literal["auto", "graph", "compile", "eager"] = doc(
+        "How the decode step runs: auto is graph on CUDA and eager on CPU; compile is torch.compile "
+        "(reduce-overhead on CUDA); a path that fails falls back to eager and says so.", "auto")
+    decode_rounds: int = doc("Interleaved rounds of the decode measurement (each times every model gen_repeats "
+                             "times).", 2)
 
     def validate(self) -> list[str]:
         """Every problem of the configuration, one string each (empty when valid)."""
@@ -83,7 +95,9 @@ class EvalConfig(CommonConfig):
             problems.append(f"batch_sizes: need one or more positive integers, got {self.batch_sizes}")
         if not self.seq_lens or any(s < 1 for s in self.seq_lens):
             problems.append(f"seq_lens: need one or more positive integers, got {self.seq_lens}")
-        for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size"):
+        if not self.decode_batch_sizes or any(b < 1 for b in self.decode_batch_sizes):
+            problems.append(f"decode_batch_sizes: need one or more positive integers, got {self.decode_batch_sizes}")
+        for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size", "decode_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "max_val_tokens", "threads"):
@@ -396,6 +410,32 @@ def generation_speed(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: 
     return new_tokens / (ms / 1e3)
 
 
+def decode_speed(entries: list[ModelEntry], cfg: EvalConfig, tokenizer: Any) -> dict[str, dict[str, dict]]:
+    """Greedy decoding speed of every model as a server runs it (:func:`pipeline.decode.measure_decode`):
+    all models loaded at once in the measurement dtype (dense weights, also for 2:4 models: the sparse kernel
+    loses at decode's few tokens per matmul), the prompt ``cfg.prompt`` repeated to each of
+    ``cfg.decode_batch_sizes``, ``cfg.gen_tokens`` new tokens, ``cfg.decode_rounds`` interleaved rounds of
+    ``cfg.gen_repeats`` timed generations each.  Returns ``{model name: {"b<batch>": row}}``, each row with
+    ``path`` (``graph``/``compile``/``eager``), ``ttft_ms``, ``ms_per_token``, ``tok_s`` and the speed-ups
+    against ``dense``."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.decode import measure_decode
+
+    device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
+    models = {e.name: AutoModelForCausalLM.from_pretrained(e.model_dir, dtype=dtype).to(device).eval()
+              for e in entries}
+    prompt = tokenizer(cfg.prompt, return_tensors="pt")["input_ids"].to(device)
+    try:
+        return measure_decode(models, prompt, cfg.decode_batch_sizes, cfg.gen_tokens, warmup=1,
+                              repeats=cfg.gen_repeats, path=cfg.decode_path, rounds=cfg.decode_rounds,
+                              baseline="dense")
+    finally:
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # 2:4 semi-structured sparsity (CUDA)
 
@@ -578,6 +618,10 @@ def scalars(name: str, row: dict[str, Any]) -> dict[str, float]:
         for k in ("latency_ms", "tokens_per_s", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:
                 out[f"eval/{name}/{k}/{key}"] = float(lat[k])
+    for key, d in (row.get("decode") or {}).items():
+        for k in ("ttft_ms", "ms_per_token", "tok_s", "speedup_tok_s", "speedup_ttft"):
+            if d.get(k) is not None:
+                out[f"eval/{name}/decode_{k}/{key}"] = float(d[k])
     for key, lat in (row.get("sparse_24") or {}).get("latency", {}).items():
         for k in ("latency_ms", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:

@@ -85,7 +85,7 @@ def test_measure_decode_interleaved(tiny):
     res = measure_decode({"dense": tiny, "student": small}, _prompt(1, 6), [1, 2], 5, warmup=1, repeats=2,
                          rounds=2, baseline="dense")
     assert set(res) == {"dense", "student"}
-    for name, rows in res.items():
+    for rows in res.values():
         assert set(rows) == {"b1", "b2"}
         for key, row in rows.items():
             assert "error" not in row, row

@@ -288,3 +288,25 @@ def test_eval_cuda_sparse_24(tmp_path):
         for lat in sp["latency"].values():
             assert lat["latency_ms"] > 0 and lat["speedup"] > 0 and lat["speedup_graph"] > 0
         assert all("error" not in r for r in sp["linear_shapes"]), sp["linear_shapes"]
+
+
+def test_eval_decode_rows_and_report(evaluated):
+    """Stage 05's decode measurement (static KV cache, eager on CPU) for every model and decode batch size, and
+    the report's main table and decode section built from it."""
+    from pipeline.report import decode_table, model_table
+
+    _, manifest = evaluated
+    m = manifest["metrics"]
+    for row in m.values():
+        assert set(row["decode"]) == {"b1", "b16"}
+        for key, d in row["decode"].items():
+            assert "error" not in d, d
+            assert d["path"] == "eager" and d["fallback"] is None
+            assert d["batch"] == int(key[1:]) and d["new_tokens"] == 8 and d["prompt_len"] > 0
+            assert d["ttft_ms"] > 0 and d["tok_s"] == pytest.approx(d["batch"] * 1e3 / d["ms_per_token"])
+            assert d["speedup_tok_s"] > 0 and d["speedup_ttft"] > 0
+    assert m["dense"]["decode"]["b16"]["speedup_tok_s"] == 1.0
+    table = "\n".join(model_table(m, "b2_t32"))
+    assert "decode tok/s (b1 / b16; static KV cache, eager)" in table and "generate tok/s (HF eager, b1)" in table
+    section = "\n".join(decode_table(m))
+    assert section.count("static KV cache, eager") == 6  # 3 models x 2 batch sizes
