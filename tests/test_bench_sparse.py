@@ -30,7 +30,8 @@ def _load():
 def test_tiny_on_cpu(tmp_path):
     out = tmp_path / "bench"
     proc = _run("--presets", "tiny", "--batch_sizes", "1,2", "--seq_lens", "32", "--decode_context", "16",
-                "--decode_batch_sizes", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out))
+                "--decode_batch_sizes", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out),
+                "--variants", "dense,structured,2:4", "--goal_shape", "2x32", "--dynamic_decode", "--no-static_decode")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2:4 is measured on CUDA only" in proc.stdout
     files = list(out.glob("sparse-*.json"))
