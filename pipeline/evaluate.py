@@ -565,8 +565,13 @@ def _sparse_weight(weight: torch.Tensor, fuse_transpose: bool, alg_search_tokens
         if not _same_product(ws, weight):  # this PyTorch does not honour the flag as expected: leave it off
             ws = to_sparse_semi_structured(weight)
     if alg_search_tokens and hasattr(ws, "alg_id_cusparselt") and getattr(ws, "packed", None) is not None:
-        x = torch.randn(weight.shape[1], alg_search_tokens, device=weight.device, dtype=weight.dtype)
-        ws.alg_id_cusparselt = int(torch._cslt_sparse_mm_search(ws.packed, x, transpose_result=bool(fuse_transpose)))
+        try:  # the search's signature and result have changed between PyTorch versions: any failure keeps alg 0
+            x = torch.randn(weight.shape[1], alg_search_tokens, device=weight.device, dtype=weight.dtype)
+            found = torch._cslt_sparse_mm_search(ws.packed, x, transpose_result=bool(ws.fuse_transpose_cusparselt))
+            ws.alg_id_cusparselt = int(found[0] if isinstance(found, (tuple, list)) else found)
+        except Exception as e:  # noqa: BLE001
+            print(f"cuSPARSELt algorithm search failed, default algorithm kept: {type(e).__name__}: {e}"[:300],
+                  flush=True)
     return ws
 
 

@@ -95,3 +95,28 @@ def test_measure_decode_interleaved(tiny):
             assert row["tok_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_token"])
             assert math.isfinite(row["speedup_tok_s"]) and row["speedup_tok_s"] > 0
     assert res["dense"]["b1"]["speedup_tok_s"] == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_path_on_cuda(tiny, dtype):
+    """The CUDA-graph step gives the eager static path's tokens (fp32 and fp16), and HF generate's in fp32;
+    replays after a rewind start again from the prompt."""
+    import copy
+
+    model = copy.deepcopy(tiny).to("cuda", dtype)
+    n = 16
+    prompt = _prompt(2, 9).cuda()
+    dec = StaticDecoder(model, 2, 9, n, "auto")
+    assert dec.path == "graph"
+    eager = StaticDecoder(model, 2, 9, n, "eager").generate(prompt)
+    out = dec.generate(prompt)
+    assert torch.equal(out, eager)
+    assert torch.equal(dec.generate(prompt), out)
+    if dtype == torch.float32:
+        assert torch.equal(out, _hf_greedy(model, prompt, n))
+    res = measure_decode({"dense": model}, prompt[:1], [1, 2], 8, warmup=1, repeats=2, rounds=1, baseline="dense")
+    for row in res["dense"].values():
+        assert row["path"] == "graph" and row["fallback"] is None and row["ms_per_token"] > 0
+    assert res["dense"]["b1"]["tokens_match_eager"] is True
