@@ -1,12 +1,13 @@
 """Inference speed of sparse models against dense on the same shapes: 2:4 semi-structured weights and a
 50% structured (width-pruned) model, prefill and decode, with the speed-up, and the shapes where 2:4 loses.
 
-    python scripts/bench_sparse.py [--presets 124m,350m] [--batch_sizes 1,8,32] [--seq_lens 128,1024]
-        [--decode_context 512] [--decode_batch_sizes 1,16] [--repeats 20] [--warmup 5]
-        [--device cuda|cpu] [--dtype fp16] [--out results/bench]
+    python scripts/bench_sparse.py [--presets 124m,350m] [--variants ...] [--batch_sizes 1,8,32]
+        [--seq_lens 128,1024] [--goal_shape 16x1024] [--decode_batch_sizes 1,16] [--prompt_len 128]
+        [--gen_tokens 32] [--profile --profile_presets 350m,1b] [--time_budget S] [--quick]
+        [--repeats 20] [--warmup 5] [--device cuda|cpu] [--dtype fp16] [--out results/bench]
 
 For each preset (``pipeline/presets.py``: the ``pretrain.model`` shape and the ``data.vocab_size``) one
-randomly initialised LLaMA (fixed ``--seed``) is built and measured as three variants:
+randomly initialised LLaMA (fixed ``--seed``) is built and measured as these variants (``--variants``):
 
 - ``dense``: the model as built, the baseline of every speed-up;
 - ``structured``: stage 03's width pruning (``pipeline.prune.prune_model`` with ``method="structured"``,
@@ -16,6 +17,14 @@ randomly initialised LLaMA (fixed ``--seed``) is built and measured as three var
   ``pipeline.sparsity.compute_masks``/``apply_masks``) on the block linears, then
   ``pipeline.evaluate.to_semi_structured`` turns the weights into ``torch.sparse.to_sparse_semi_structured``
   tensors.  ``max_abs_logit_diff`` against the same masked weights run dense checks the conversion.
+  The 2:4 variants differ in the conversion's options (:data:`SPARSE_VARIANTS`): ``2:4`` copies every sparse
+  output to contiguous memory (stage 05 up to cb49447); ``2:4+ft`` lets cuSPARSELt write the output row-major
+  (``fuse_transpose``) so no copy is needed; ``2:4+attn`` copies only q/k/v (attention's fused kernels need a
+  dense last dimension) and passes the MLP's transposed outputs on; ``+fuse`` fuses q/k/v and gate/up into one
+  sparse matmul each; ``+search`` picks cuSPARSELt's algorithm per weight for the ``--goal_shape`` tokens;
+  ``+compile`` runs the forward through ``torch.compile``;
+- controls: ``dense+fuse`` (the dense model with the same fused projections: what fusion alone buys) and
+  ``dense+compile``.  The 2:4 masks are computed once per preset and shared by every 2:4 variant.
 
 Measurements, all under ``torch.inference_mode`` with ``pipeline.evaluate.time_ms`` (CUDA events on CUDA,
 ``time.perf_counter`` on CPU), median of ``--repeats`` calls after ``--warmup`` untimed ones:
@@ -29,6 +38,16 @@ Measurements, all under ``torch.inference_mode`` with ``pipeline.evaluate.time_m
 - modes: ``eager``, and on CUDA ``graph``: the same call captured once in a CUDA graph
   (``pipeline.evaluate.cuda_graph``) and replayed, which removes the per-call host cost (for the decode step
   the graph replays the step at the fixed cache length);
+- ``decode_static`` (``--static_decode``, on by default): greedy decoding as a server runs it
+  (``pipeline/decode.py``: ``StaticCache``, the one-token step replayed from a CUDA graph on CUDA, eager on
+  CPU) of a ``--prompt_len`` random prompt by ``--gen_tokens`` tokens, the ``--decode_variants`` interleaved in
+  ``--decode_rounds`` rounds; ``latency_ms`` is ms per token, ``ttft_ms`` the prefill with its first token;
+  the older single-step ``DynamicCache`` rows come with ``--dynamic_decode``;
+- ``--profile``: ``torch.profiler`` over eager prefill passes at ``--goal_shape`` of the ``--profile_variants``
+  on the ``--profile_presets``: kernel time per op category (:func:`op_category`: sparse mm, dense mm, LM head,
+  attention, layout copies, dtype conversions, padding, norms, other), the largest kernels, matmul time per
+  linear module in the model against the same shape alone, and the kernels of the graphed pass (their sum
+  against the replay's latency: the GPU's busy share); written to ``<out>/profile-<stamp>.txt`` and the JSON;
 - per linear-layer shape (CUDA only): ``pipeline.evaluate.linear_shape_bench``, dense ``F.linear`` against 2:4
   on every distinct ``(out, in)`` weight shape of the preset's block linears at ``--linear_tokens`` tokens.
 
@@ -38,6 +57,12 @@ dense latency / variant latency for the same preset, phase, shape and mode (>1: 
 2:4 row carries ``wins`` (speed-up > 1); the shapes where 2:4 loses are printed, not hidden.  A measurement
 that fails (a kernel refusing a shape, out of memory, a capture that fails) records its ``error`` and the run
 goes on.
+
+Goals of issue 18 (:func:`goals_18`, printed as met or not): the best 2:4 variant's whole-model graphed prefill at
+``--goal_shape`` >= 1.15x dense on ``1b`` and >= 1.05x on ``350m``; structured >= 1.6x there on both;
+structured static decode >= 1.3x dense tok/s on ``1b``; every dense-kernel student (structured, dense+fuse) at
+least as fast as dense in static decode at every batch.  ``--time_budget`` stops starting new work once spent
+(the skipped parts are listed in ``skipped``); ``--quick`` caps repeats and lengths for a dry pass.
 
 Goals, from issue 7: a 50% structured-pruned model at least 1.6x the dense model's prefill throughput
 (checked on every prefill shape, the better of eager and graph per shape); 2:4 at least 1.2x on the shapes
