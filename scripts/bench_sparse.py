@@ -1132,7 +1132,10 @@ def main(argv: list[str] | None = None) -> Path:
         add_speedups(rows)
         write_result(path, args, variants, infos, rows, linear_rows, goal, complete, t0, profiles, skipped)
         if profiles:
-            ppath.write_text(profile_text(profiles, linear_rows))
+            try:
+                ppath.write_text(profile_text(profiles, linear_rows))
+            except Exception as e:  # noqa: BLE001 - the JSON holds the profiles anyway
+                print(f"profile text not written: {_error(e)}", flush=True)
 
     for preset in args.presets:
         if over_budget(f"preset {preset}"):
@@ -1211,12 +1214,18 @@ def main(argv: list[str] | None = None) -> Path:
         save()
         print(f"{preset}: done in {time.time() - tp:.1f} s (partial results in {path})", flush=True)
     add_speedups(rows)
-    goal = goals(rows, args.device, variants, tuple(args.goal_shape))
+    try:
+        goal = goals(rows, args.device, variants, tuple(args.goal_shape))
+    except Exception as e:  # noqa: BLE001 - the rows are written whatever happens to the bookkeeping
+        goal = {"error": _error(e)}
     save(goal, complete=True)
-    print_table(rows, linear_rows, goal)
-    if profiles:
-        print("\n" + profile_text(profiles, linear_rows))
-        print(f"-> {ppath}")
+    try:
+        print_table(rows, linear_rows, goal)
+        if profiles:
+            print("\n" + profile_text(profiles, linear_rows))
+            print(f"-> {ppath}")
+    except Exception as e:  # noqa: BLE001
+        print(f"table not printed: {_error(e)}", flush=True)
     print(f"-> {path}")
     return path
 
