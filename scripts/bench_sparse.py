@@ -91,6 +91,7 @@ import copy
 import gc
 import importlib.metadata as md
 import inspect
+import re
 import statistics
 import sys
 import time
@@ -593,6 +594,7 @@ def measure_static_decode(models: dict[str, Any], vocab: int, args: argparse.Nam
 
 CATEGORIES = ("sparse mm", "dense mm", "LM head", "attention", "layout copy", "dtype conversion", "padding",
               "norms", "other copies", "elementwise/other")
+_RUNTIME_CALL = re.compile(r"^(cuda|cu[A-Z]|hip)")
 _DENSE_MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
@@ -607,6 +609,7 @@ def op_category(name: str, ancestors: list[str]) -> str:
       ``bmm``/``matmul``/``linear``; ``norms``: under a norm module or an ``rms_norm`` op; ``other copies``:
       ``copy_``; ``elementwise/other``: the rest (RoPE, SiLU, residual adds, masks, embedding).
     """
+    ancestors = [a for a in ancestors if not _RUNTIME_CALL.match(a)]  # cudaLaunchKernel, cudaGraphLaunch, ...
     anc = set(ancestors)
     low = [a.lower() for a in ancestors]
 

@@ -184,6 +184,7 @@ def test_op_categories():
     assert c("vectorized_elementwise_kernel", ["aten::mul"]) == "elementwise/other"
     # graph replays: kernel names only
     assert c("flash_fwd_splitkv_kernel", []) == "attention"
+    assert c("flash_fwd_kernel", ["cudaGraphLaunch"]) == "attention"  # runtime calls are not ops
     assert c("sm90_xmma_gemm_f16f16", []) == "dense mm"
     assert c("cusparseLt_sm90_spmma", []) == "sparse mm"
     assert c("direct_copy_kernel_cuda", []) == "other copies"
