@@ -304,7 +304,9 @@ def sparse_24_section(models: dict[str, dict], device: str) -> list[str]:
         out += [f"**{name}**: {len(sp['converted'])} linear layers converted, {len(sp['skipped'])} left dense"
                 + (f" ({'; '.join(f'{k}: {v}' for k, v in list(sp['skipped'].items())[:4])})" if sp["skipped"] else "")
                 + (f"; max |logit difference| sparse vs dense {sp['max_abs_logit_diff']:.3g}"
-                   if "max_abs_logit_diff" in sp else ""), ""]
+                   if "max_abs_logit_diff" in sp else "")
+                + (f"; conversion (`to_semi_structured`): {', '.join(f'{k}={v}' for k, v in sp['options'].items())}"
+                   if sp.get("options") else ""), ""]
         if "latency" in sp:
             rows = [[str(lat["batch"]), str(lat["seq_len"]), _f(lat.get("dense_latency_ms"), 3), _f(lat["latency_ms"], 3),
                      _f(lat.get("speedup")) + "×", _f(lat.get("dense_latency_graph_ms"), 3),
