@@ -785,20 +785,62 @@ def profile_prefill(model, vocab: int, args: argparse.Namespace) -> dict[str, An
     return out
 
 
+@torch.inference_mode()
+def profile_decode(model, vocab: int, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+    """``torch.profiler`` over the eager static-cache decode steps of one generation (``batch`` sequences,
+    ``--prompt_len`` + ``--gen_tokens``): kernel time per op category and per linear label, per decode step
+    (the same kernels a CUDA-graph replay runs, without the host's launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.decode import StaticDecoder
+
+    cuda = args.device == "cuda"
+    dec = StaticDecoder(model, batch, args.prompt_len, args.gen_tokens, "eager")
+    prompt = torch.randint(0, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(args.seed + 3))
+    prompt = prompt.to(args.device)
+    dec.generate(prompt)
+    handles = _module_labels(model)
+    try:
+        dec.prefill(prompt)
+        _free(args.device, sync=True)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            dec.decode()
+            if cuda:
+                torch.cuda.synchronize()
+        counts: dict[str, int] = {}
+        for e in prof.events():
+            if e.name.startswith(("linear:", "lm_head")):
+                counts[e.name] = counts.get(e.name, 0) + 1
+        steps = max(args.gen_tokens - 1, 1)
+        out = {"shape": f"decode b{batch} ctx{args.prompt_len}+{args.gen_tokens}", "steps": steps,
+               "eager": _breakdown(_items(prof, cuda), steps, counts)}
+    finally:
+        for h in handles:
+            h.remove()
+    del dec
+    _free(args.device)
+    return out
+
+
 def profile_text(profiles: list[dict], linear_rows: list[dict]) -> str:
     """The profiles as text tables: per preset, ms per forward by category (one column per variant), the
     graphed latency and the GPU's busy share, then matmul ms per call of each linear label in the model against
     the same shape alone (``linear_shapes``, CUDA graph), then each variant's largest kernels."""
     lines = []
     iso = {(r["preset"], r["out"], r["in"], r["tokens"]): r for r in linear_rows if "error" not in r}
-    for preset in dict.fromkeys(p["preset"] for p in profiles):
-        ps = [p for p in profiles if p["preset"] == preset and "eager" in p]
+    for preset, phase in dict.fromkeys((p["preset"], p.get("phase", "prefill")) for p in profiles):
+        ps = [p for p in profiles if p["preset"] == preset and p.get("phase", "prefill") == phase and "eager" in p]
         if not ps:
             continue
         shape = ps[0]["shape"]
-        tokens = int(shape.split()[0][1:]) * int(shape.split()[1][1:])
-        lines += [f"== {preset}, prefill {shape} ({tokens} tokens), ms per forward pass "
-                  f"(eager kernels by op category; graph: replay latency and kernel sum) ==", ""]
+        if phase == "decode":
+            tokens = int(shape.split()[1][1:])
+            lines += [f"== {preset}, {shape}, ms per decode step (eager kernels by op category) ==", ""]
+        else:
+            tokens = int(shape.split()[0][1:]) * int(shape.split()[1][1:])
+            lines += [f"== {preset}, prefill {shape} ({tokens} tokens), ms per forward pass "
+                      f"(eager kernels by op category; graph: replay latency and kernel sum) ==", ""]
         head = f"{'category':<22}" + "".join(f"{p['variant']:>14}" for p in ps)
         lines.append(head)
         for c in CATEGORIES:
@@ -1194,11 +1236,22 @@ def main(argv: list[str] | None = None) -> Path:
                     pr = profile_prefill(models[name], vocab, args)
                 except Exception as e:  # noqa: BLE001
                     pr = {"error": _error(e)}
-                profiles.append({"preset": preset, "variant": name, **pr})
+                profiles.append({"preset": preset, "variant": name, "phase": "prefill", **pr})
                 print(f"{preset} {name}: profiled in {time.time() - tq:.1f} s"
                       + (f" (error {pr['error']})" if "error" in pr else ""), flush=True)
                 _free(args.device)
                 save()
+            if args.static_decode:
+                for name in ("dense", "structured"):
+                    if name not in models or over_budget(f"{preset} decode profile {name}"):
+                        continue
+                    try:
+                        pr = profile_decode(models[name], vocab, args, max(args.decode_batch_sizes))
+                    except Exception as e:  # noqa: BLE001
+                        pr = {"error": _error(e)}
+                    profiles.append({"preset": preset, "variant": name, "phase": "decode", **pr})
+                    _free(args.device)
+                    save()
         models.clear()
         _MASKED.clear()
         _free(args.device)
