@@ -14,7 +14,9 @@ distilled from ``04_distill``) the stage measures
 - on CUDA: fp16 weights; latency eager and captured in a CUDA graph (removes per-call host overhead);
   models whose prunable weights follow the 2:4 pattern also run with
   ``torch.sparse.to_sparse_semi_structured`` weights, against the same model dense, per shape and per
-  linear-layer shape, so that the shapes where 2:4 loses are reported too.
+  linear-layer shape, so that the shapes where 2:4 loses are reported too;
+- decoding as a server runs it (``decode``, :mod:`pipeline.decode`): static KV cache, the decode step replayed
+  from a CUDA graph on CUDA (eager on CPU), every model interleaved: time to first token, ms per token, tok/s.
 
 Timings use ``torch.cuda.Event`` on CUDA and ``time.perf_counter`` on CPU, under ``torch.inference_mode``.
 """
@@ -70,6 +72,16 @@ class EvalConfig(CommonConfig):
                           "(ignored on CPU, where that kernel does not exist).", True)
     cuda_graphs: bool = doc("On CUDA, also time forward passes captured in a CUDA graph.", True)
     threads: int = doc("CPU threads for torch (0: torch's default).", 0)
+    decode: bool = doc("Also time greedy decoding as a server runs it (pipeline/decode.py: static KV cache, "
+                       "decode step replayed from a CUDA graph on CUDA, eager on CPU), every model interleaved.",
+                       True)
+    decode_batch_sizes: list[int] = doc("Batch sizes of the decode measurement (1 and a serving batch).",
+                                        default_factory=lambda: [1, 16])
+    decode_path: Literal["auto", "graph", "compile", "eager"] = doc(
+        "How the decode step runs: auto is graph on CUDA and eager on CPU; compile is torch.compile "
+        "(reduce-overhead on CUDA); a path that fails falls back to eager and says so.", "auto")
+    decode_rounds: int = doc("Interleaved rounds of the decode measurement (each times every model gen_repeats "
+                             "times).", 2)
 
     def validate(self) -> list[str]:
         """Every problem of the configuration, one string each (empty when valid)."""
@@ -83,7 +95,9 @@ class EvalConfig(CommonConfig):
             problems.append(f"batch_sizes: need one or more positive integers, got {self.batch_sizes}")
         if not self.seq_lens or any(s < 1 for s in self.seq_lens):
             problems.append(f"seq_lens: need one or more positive integers, got {self.seq_lens}")
-        for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size"):
+        if not self.decode_batch_sizes or any(b < 1 for b in self.decode_batch_sizes):
+            problems.append(f"decode_batch_sizes: need one or more positive integers, got {self.decode_batch_sizes}")
+        for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size", "decode_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "max_val_tokens", "threads"):
@@ -396,6 +410,32 @@ def generation_speed(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: 
     return new_tokens / (ms / 1e3)
 
 
+def decode_speed(entries: list[ModelEntry], cfg: EvalConfig, tokenizer: Any) -> dict[str, dict[str, dict]]:
+    """Greedy decoding speed of every model as a server runs it (:func:`pipeline.decode.measure_decode`):
+    all models loaded at once in the measurement dtype (dense weights, also for 2:4 models: the sparse kernel
+    loses at decode's few tokens per matmul), the prompt ``cfg.prompt`` repeated to each of
+    ``cfg.decode_batch_sizes``, ``cfg.gen_tokens`` new tokens, ``cfg.decode_rounds`` interleaved rounds of
+    ``cfg.gen_repeats`` timed generations each.  Returns ``{model name: {"b<batch>": row}}``, each row with
+    ``path`` (``graph``/``compile``/``eager``), ``ttft_ms``, ``ms_per_token``, ``tok_s`` and the speed-ups
+    against ``dense``."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.decode import measure_decode
+
+    device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
+    models = {e.name: AutoModelForCausalLM.from_pretrained(e.model_dir, dtype=dtype).to(device).eval()
+              for e in entries}
+    prompt = tokenizer(cfg.prompt, return_tensors="pt")["input_ids"].to(device)
+    try:
+        return measure_decode(models, prompt, cfg.decode_batch_sizes, cfg.gen_tokens, warmup=1,
+                              repeats=cfg.gen_repeats, path=cfg.decode_path, rounds=cfg.decode_rounds,
+                              baseline="dense")
+    finally:
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # 2:4 semi-structured sparsity (CUDA)
 
@@ -404,22 +444,192 @@ def _contiguous_output(module: nn.Module, args: Any, output: torch.Tensor) -> to
     return output.contiguous()
 
 
-def to_semi_structured(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """Replace the weight of every prunable linear layer that follows 2:4 by
-    ``torch.sparse.to_sparse_semi_structured(weight)`` (in place; fp16/bf16 CUDA weights).
+def _contiguous_if_strided(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """The output unchanged when its last dimension is dense (stride 1: what SDPA's fused kernels and
+    coalesced elementwise kernels want), else a contiguous copy."""
+    return output if output.stride(-1) == 1 else output.contiguous()
 
-    The sparse matmul returns its result transposed (column-major); each converted layer gets a forward
-    hook that makes it contiguous, because ``scaled_dot_product_attention`` refuses its fused (flash /
-    memory-efficient) kernels for q/k/v whose last dimension is strided and falls back to the fp32 math
-    kernel: seen on an H200 (PyTorch 2.11), where that fallback, not the linear layers, made a 2:4 model
-    4x slower than dense.  The copy is part of every 2:4 timing.
 
-    Returns the converted layer names and ``{layer: reason}`` for each layer left dense (not 2:4, or
-    refused by the kernel, e.g. a shape it does not support)."""
+#: the options of :func:`to_semi_structured` that stage 05 uses (``scripts/bench_sparse.py`` times the others)
+SEMI_STRUCTURED_DEFAULTS: dict[str, Any] = {"fuse_transpose": True, "contiguous": "auto", "fuse_projections": False}
+
+#: groups of sibling projections that read the same input, in the order the module's forward calls them
+#: (LLaMA / Mistral / Qwen attention and SwiGLU MLP in transformers)
+FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedProjections(nn.Module):
+    """One matmul for sibling linear layers that read the same input (q/k/v, gate/up): the weights concatenated
+    along the output dimension, the output split back.  The siblings become :class:`FusedProjectionPart`
+    modules; the first one called computes every part and the others return theirs (the attention and MLP
+    forwards call them in order on the same tensor; any other input is computed alone, so results are always
+    right).  ``weight`` is ``(sum of out_features, in_features)``."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.sizes = [m.out_features for m in linears]
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("fused projections need a bias on every part or on none")
+        self.bias = (nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+                     if all(has_bias) else None)
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0 or x is not self._input:
+            self._parts = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self._input = x
+        out = self._parts[i]
+        if i == len(self.sizes) - 1:
+            self._input, self._parts = None, ()  # hold no activation after the last part
+        return out
+
+
+class FusedProjectionPart(nn.Module):
+    """Part ``index`` of a :class:`FusedProjections` (which it does not register: its owner does)."""
+
+    def __init__(self, fused: FusedProjections, index: int, in_features: int, out_features: int):
+        super().__init__()
+        self._fused = [fused]  # a list, so that the shared module is not registered twice
+        self.index, self.in_features, self.out_features = index, in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0].part(self.index, x)
+
+
+@torch.inference_mode()
+def _same_product(ws: torch.Tensor, weight: torch.Tensor, tokens: int = 64) -> bool:
+    """True when ``F.linear`` with the sparse weight ``ws`` gives the shape and (to fp16 rounding) the values of
+    the dense ``weight`` on a random input; False on any error."""
+    try:
+        x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype,
+                        generator=torch.Generator(device=weight.device).manual_seed(0))
+        ref = torch.nn.functional.linear(x, weight).float()
+        out = torch.nn.functional.linear(x, ws)
+        return out.shape == ref.shape and bool(torch.allclose(out.float(), ref, rtol=2e-2,
+                                                             atol=2e-2 * float(ref.abs().max()) + 1e-3))
+    except Exception:  # noqa: BLE001 - any failure means: do not use this layout
+        return False
+
+
+def fuse_sibling_projections(model: nn.Module, eligible: Callable[[nn.Linear], bool] = lambda m: True,
+                             convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                             hook_for: Callable[[str], Any] | None = None) -> list[str]:
+    """Fuse every group of :data:`FUSABLE_PROJECTIONS` found in ``model`` (in place) into a
+    :class:`FusedProjections`, registered beside them as ``qkv_fused`` / ``gate_up_fused``; each sibling
+    becomes a :class:`FusedProjectionPart`.  A group is fused when every sibling is an ``nn.Linear`` of
+    :func:`prunable_linears` passing ``eligible`` and all share the input width.  ``convert`` turns the
+    concatenated weight into the one used (e.g. a sparse tensor); ``hook_for(name)``, when it returns a hook,
+    is registered as the forward hook of that part.  Returns the names of the fused siblings."""
+    lin = prunable_linears(model)
+    fused_names: list[str] = []
+    for parent_name, parent in dict(model.named_modules()).items():
+        for group in FUSABLE_PROJECTIONS:
+            names = [f"{parent_name}.{g}" if parent_name else g for g in group]
+            parts = [lin.get(n) for n in names]
+            if not all(isinstance(m, nn.Linear) and eligible(m) for m in parts):
+                continue
+            if len({m.in_features for m in parts}) != 1:
+                continue
+            fused = FusedProjections(parts)
+            if convert is not None:
+                try:
+                    fused.weight = nn.Parameter(convert(fused.weight.detach()), requires_grad=False)
+                except Exception as e:  # noqa: BLE001 - this group stays unfused, the caller converts its layers
+                    print(f"fuse_sibling_projections: {parent_name} {'/'.join(group)} left unfused: "
+                          f"{type(e).__name__}: {e}"[:300], flush=True)
+                    continue
+            parent.add_module("qkv_fused" if group[0] == "q_proj" else "gate_up_fused", fused)
+            for i, (n, g, m) in enumerate(zip(names, group, parts)):
+                part = FusedProjectionPart(fused, i, m.in_features, m.out_features)
+                hook = hook_for(n) if hook_for is not None else None
+                if hook is not None:
+                    part.register_forward_hook(hook)
+                setattr(parent, g, part)
+                fused_names.append(n)
+    return fused_names
+
+
+def _sparse_weight(weight: torch.Tensor, fuse_transpose: bool, alg_search_tokens: int):
+    """``to_sparse_semi_structured(weight)``; with ``fuse_transpose`` cuSPARSELt writes the product in the
+    layout ``F.linear``'s caller expects (``fuse_transpose_cusparselt``, an attribute of PyTorch's cuSPARSELt
+    tensor since 2.1; PyTorch >= 2.12 fuses it in ``F.linear`` anyway); with ``alg_search_tokens`` the
+    cuSPARSELt algorithm is the fastest of ``torch._cslt_sparse_mm_search`` for that many tokens."""
     from torch.sparse import to_sparse_semi_structured
 
+    ws = to_sparse_semi_structured(weight)
+    if fuse_transpose and hasattr(ws, "fuse_transpose_cusparselt"):
+        ws.fuse_transpose_cusparselt = True
+        if not _same_product(ws, weight):  # this PyTorch does not honour the flag as expected: leave it off
+            ws = to_sparse_semi_structured(weight)
+    if alg_search_tokens and hasattr(ws, "alg_id_cusparselt") and getattr(ws, "packed", None) is not None:
+        try:  # the search's signature and result have changed between PyTorch versions: any failure keeps alg 0
+            x = torch.randn(weight.shape[1], alg_search_tokens, device=weight.device, dtype=weight.dtype)
+            found = torch._cslt_sparse_mm_search(ws.packed, x, transpose_result=bool(ws.fuse_transpose_cusparselt))
+            ws.alg_id_cusparselt = int(found[0] if isinstance(found, (tuple, list)) else found)
+        except Exception as e:  # noqa: BLE001
+            print(f"cuSPARSELt algorithm search failed, default algorithm kept: {type(e).__name__}: {e}"[:300],
+                  flush=True)
+    return ws
+
+
+def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguous: str = "all",
+                       fuse_projections: bool = False, alg_search_tokens: int = 0) -> tuple[list[str], dict[str, str]]:
+    """Replace the weight of every prunable linear layer that follows 2:4 by
+    ``torch.sparse.to_sparse_semi_structured(weight)`` (in place; fp16/bf16 CUDA weights).  The output head
+    stays dense (it is not a prunable linear).
+
+    The sparse matmul computes ``(W X^T)^T``: without ``fuse_transpose`` (PyTorch <= 2.11) it returns its
+    result transposed (column-major), and ``scaled_dot_product_attention`` refuses its fused (flash /
+    memory-efficient) kernels for q/k/v whose last dimension is strided and falls back to the fp32 math
+    kernel: seen on an H200 (PyTorch 2.11), where that fallback, not the linear layers, made a 2:4 model
+    4x slower than dense.  So converted layers get a forward hook, by ``contiguous``:
+
+    - ``all``: every output copied to contiguous memory (the copy is part of every 2:4 timing);
+    - ``auto``: copied only when its last dimension is strided (none with ``fuse_transpose``, whose output is
+      already row-major);
+    - ``attention``: only the q/k/v outputs (when strided); the MLP and output projections pass their
+      transposed result on, and the next sparse matmul reads it as the transposed operand it wants anyway.
+
+    ``fuse_projections``: q/k/v and gate/up (:data:`FUSABLE_PROJECTIONS`) become one sparse matmul each
+    (:class:`FusedProjections`), when every sibling is 2:4 and they share the input width.
+    ``alg_search_tokens``: see :func:`_sparse_weight`.
+
+    Returns the converted layer names (fused ones included, under their own names) and ``{layer: reason}`` for
+    each layer left dense (not 2:4, or refused by the kernel, e.g. a shape it does not support).
+
+    Raises:
+        ValueError: an unknown ``contiguous``.
+    """
+    if contiguous not in ("all", "auto", "attention"):
+        raise ValueError(f"contiguous must be all, auto or attention, got {contiguous!r}")
+    attn_names = {"q_proj", "k_proj", "v_proj"}
+
+    def hook_for(name: str):
+        leaf = name.rsplit(".", 1)[-1]
+        if contiguous == "all":
+            return _contiguous_output
+        if contiguous == "attention" and leaf not in attn_names:
+            return None
+        return _contiguous_if_strided
+
     converted, skipped = [], {}
-    for name, mod in prunable_linears(model).items():
+    lin = prunable_linears(model)
+    done: set[str] = set()
+    if fuse_projections:
+        try:
+            done = set(fuse_sibling_projections(
+                model, eligible=lambda m: is_2_4(m.weight),
+                convert=partial(_sparse_weight, fuse_transpose=fuse_transpose, alg_search_tokens=alg_search_tokens),
+                hook_for=hook_for))
+        except Exception as e:  # noqa: BLE001 - the layers are then converted one by one below
+            print(f"to_semi_structured: projections left unfused ({type(e).__name__}: {e})"[:300], flush=True)
+        converted += sorted(done)
+    for name, mod in lin.items():
+        if name in done:
+            continue
         if not isinstance(mod, nn.Linear):
             skipped[name] = "not nn.Linear"
             continue
@@ -427,9 +637,13 @@ def to_semi_structured(model: nn.Module) -> tuple[list[str], dict[str, str]]:
             skipped[name] = "weights do not follow the 2:4 pattern"
             continue
         try:
-            mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
-            mod.register_forward_hook(_contiguous_output)
+            mod.weight = nn.Parameter(_sparse_weight(mod.weight.detach(), fuse_transpose, alg_search_tokens),
+                                      requires_grad=False)
+            hook = hook_for(name)
+            if hook is not None:
+                mod.register_forward_hook(hook)
             converted.append(name)
+            skipped.pop(name, None)
         except Exception as e:  # noqa: BLE001 - the kernel's refusal is the reason we report
             skipped[name] = f"{type(e).__name__}: {e}"[:200]
     return converted, skipped
@@ -524,8 +738,9 @@ def measure_sparse_24(model: nn.Module, vocab_size: int, cfg: EvalConfig, tokeni
     ids = ids.to(device)
     with torch.inference_mode():
         ref = model(input_ids=ids, use_cache=False).logits.float()
-    converted, skipped = to_semi_structured(model)
-    result: dict[str, Any] = {"converted": converted, "skipped": skipped}
+    converted, skipped = to_semi_structured(model, **SEMI_STRUCTURED_DEFAULTS)
+    result: dict[str, Any] = {"converted": converted, "skipped": skipped,
+                              "options": dict(SEMI_STRUCTURED_DEFAULTS)}
     if not converted:
         return result
     with torch.inference_mode():
@@ -542,7 +757,7 @@ def measure_sparse_24(model: nn.Module, vocab_size: int, cfg: EvalConfig, tokeni
     result["latency"] = lat
     result["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
     mods = dict(model.named_modules())
-    shapes = sorted({(mods[n].weight.shape[0], mods[n].weight.shape[1]) for n in converted})
+    shapes = sorted({(mods[n].out_features, mods[n].in_features) for n in converted})
     tokens = sorted({b * t for b in cfg.batch_sizes for t in cfg.seq_lens})
     result["linear_shapes"] = linear_shape_bench(shapes, tokens, next(model.parameters()).dtype,
                                                  cfg.warmup, cfg.repeats, cfg.seed)
@@ -578,6 +793,10 @@ def scalars(name: str, row: dict[str, Any]) -> dict[str, float]:
         for k in ("latency_ms", "tokens_per_s", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:
                 out[f"eval/{name}/{k}/{key}"] = float(lat[k])
+    for key, d in (row.get("decode") or {}).items():
+        for k in ("ttft_ms", "ms_per_token", "tok_s", "speedup_tok_s", "speedup_ttft"):
+            if d.get(k) is not None:
+                out[f"eval/{name}/decode_{k}/{key}"] = float(d[k])
     for key, lat in (row.get("sparse_24") or {}).get("latency", {}).items():
         for k in ("latency_ms", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:

@@ -187,6 +187,7 @@ def model_table(models: dict[str, dict], ref: str) -> list[str]:
     (``b<batch>_t<seq>``); CUDA-graph latency where every model has one (:func:`graphed_reference`)."""
     rows = []
     graphed = graphed_reference(models, ref)
+    dkeys = decode_keys(models)
     for name, r in models.items():
         lat = dict(r["latency"].get(ref, {}))
         if graphed:
@@ -197,10 +198,69 @@ def model_table(models: dict[str, dict], ref: str) -> list[str]:
             f"{100 * r['linear_sparsity']:.1f}% / {100 * r['sparsity']:.1f}%",
             _f(r["size_bytes"] / 1e6), _f(r["sparse_size_bytes"] / 1e6),
             _f(lat.get("latency_ms")), _f(lat.get("speedup")) + "×", _f(r["gen_tokens_per_s"], 1),
+            *decode_cells(r, dkeys),
         ])
     return _table(["model", "stage", "val ppl", "Δ ppl vs dense", "params", "non-zero", "Δ non-zero",
                    "sparsity linear / all", "size MB (safetensors)", "size MB (bitmask+values)",
-                   f"latency ms ({ref}{', CUDA graph' if graphed else ''})", "speed-up", "generate tok/s"], rows)
+                   f"latency ms ({ref}{', CUDA graph' if graphed else ''})", "speed-up",
+                   "generate tok/s (HF eager, b1)", *decode_header(models, dkeys)], rows)
+
+
+_DECODE_PATHS = {"graph": "static KV cache, CUDA graph", "compile": "static KV cache, torch.compile",
+                 "eager": "static KV cache, eager"}
+
+
+def decode_keys(models: dict[str, dict]) -> list[str]:
+    """The decode batch keys (``b<batch>``) that the dense model measured, smallest batch first."""
+    rows = (models.get("dense") or {}).get("decode") or {}
+    return sorted((k for k, v in rows.items() if v.get("tok_s")), key=lambda k: int(k[1:]))
+
+
+def decode_paths(models: dict[str, dict]) -> str:
+    """The decode paths that produced the figures, in words (``a, b`` when models differ)."""
+    paths = {d.get("path") for r in models.values() for d in (r.get("decode") or {}).values() if d.get("path")}
+    return ", ".join(_DECODE_PATHS.get(p, p) for p in sorted(paths)) or "not measured"
+
+
+def decode_header(models: dict[str, dict], keys: list[str]) -> list[str]:
+    if not keys:
+        return []
+    b = " / ".join(keys)
+    return [f"decode tok/s ({b}; {decode_paths(models)})", f"decode speed-up ({b})"]
+
+
+def decode_cells(r: dict[str, Any], keys: list[str]) -> list[str]:
+    """Decode tok/s and speed-up against dense per batch key, ``a / b`` (``–`` where not measured)."""
+    if not keys:
+        return []
+    rows = r.get("decode") or {}
+    return [" / ".join(_f(rows.get(k, {}).get("tok_s"), 0) for k in keys),
+            " / ".join(_f(rows.get(k, {}).get("speedup_tok_s")) + "×" for k in keys)]
+
+
+def decode_table(models: dict[str, dict]) -> list[str]:
+    """Per model and decode batch size: path, time to first token, ms per token, tok/s and speed-ups."""
+    rows = []
+    for name, r in models.items():
+        for key, d in (r.get("decode") or {}).items():
+            if "error" in d:
+                rows.append([name, key[1:], "–", "–", "–", "–", "–", "–", f"error: {d['error']}"])
+                continue
+            note = f"fell back: {d['fallback']}" if d.get("fallback") else ""
+            if d.get("tokens_match_eager") is False:
+                note += " tokens differ from the eager path"
+            rows.append([name, key[1:], _DECODE_PATHS.get(d.get("path"), str(d.get("path"))),
+                         f"{d.get('prompt_len')} + {d.get('new_tokens')}", _f(d.get("ttft_ms"), 2),
+                         _f(d.get("ms_per_token"), 3), _f(d.get("tok_s"), 0),
+                         _f(d.get("speedup_tok_s")) + "× / " + _f(d.get("speedup_ttft")) + "×", note])
+    if not rows:
+        return ["Decoding was not measured in this run (`--decode false`)."]
+    return _table(["model", "batch", "path", "prompt + new tokens", "TTFT ms (prefill)", "ms / token",
+                   "tok/s (batch)", "speed-up tok/s / TTFT", "note"], rows) + [
+        "", "Greedy decoding as a server runs it (`pipeline/decode.py`): the KV cache is allocated once "
+        "(transformers' `StaticCache`); TTFT is the eager prefill of the prompt with its first token; each further "
+        "token is one decode step, replayed from a CUDA graph on CUDA. Models are timed in interleaved rounds. "
+        "The `generate tok/s` column of the main table is Hugging Face's eager `generate` (host-bound on a GPU)."]
 
 
 def noisy(lat: dict[str, Any]) -> bool:
@@ -244,7 +304,9 @@ def sparse_24_section(models: dict[str, dict], device: str) -> list[str]:
         out += [f"**{name}**: {len(sp['converted'])} linear layers converted, {len(sp['skipped'])} left dense"
                 + (f" ({'; '.join(f'{k}: {v}' for k, v in list(sp['skipped'].items())[:4])})" if sp["skipped"] else "")
                 + (f"; max |logit difference| sparse vs dense {sp['max_abs_logit_diff']:.3g}"
-                   if "max_abs_logit_diff" in sp else ""), ""]
+                   if "max_abs_logit_diff" in sp else "")
+                + (f"; conversion (`to_semi_structured`): {', '.join(f'{k}={v}' for k, v in sp['options'].items())}"
+                   if sp.get("options") else ""), ""]
         if "latency" in sp:
             rows = [[str(lat["batch"]), str(lat["seq_len"]), _f(lat.get("dense_latency_ms"), 3), _f(lat["latency_ms"], 3),
                      _f(lat.get("speedup")) + "×", _f(lat.get("dense_latency_graph_ms"), 3),
@@ -344,6 +406,7 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
                  f"(a busy machine); compare speed-ups only from a run on an idle machine (`python scripts/evaluate.py "
                  f"--run {run} --preset {ev['config'].get('preset')}` then `make report RUN={run}`)."]
                 if any(noisy(r["latency"].get(ref, {})) for r in models.values()) else []),
+              "", "### Decoding (static KV cache)", "", *decode_table(models), "",
               "", "### Forward latency per shape", "", *latency_table(models), "",
               "### 2:4 semi-structured sparsity", "", *sparse_24_section(models, out["device"]), "",
               "## Plots", ""]

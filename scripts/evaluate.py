@@ -27,6 +27,7 @@ from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.evaluate import (
     EvalConfig,
     check_inputs,
+    decode_speed,
     find_models,
     forward_latency,
     generate,
@@ -121,6 +122,10 @@ def main(cfg: EvalConfig) -> dict | None:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if cfg.decode:  # all models at once, interleaved: after the loop above has freed each one
+            print("eval: decode speed (static KV cache, every model interleaved)", flush=True)
+            for name, rows in decode_speed(entries, cfg, tokenizer).items():
+                results[name]["decode"] = rows
         speedups(results, baseline="dense")
         for step, (name, row) in enumerate(results.items()):
             log.log(step, scalars(name, row))

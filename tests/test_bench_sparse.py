@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "bench_sparse.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _load():
@@ -30,7 +30,8 @@ def _load():
 def test_tiny_on_cpu(tmp_path):
     out = tmp_path / "bench"
     proc = _run("--presets", "tiny", "--batch_sizes", "1,2", "--seq_lens", "32", "--decode_context", "16",
-                "--decode_batch_sizes", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out))
+                "--decode_batch_sizes", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out),
+                "--variants", "dense,structured,2:4", "--goal_shape", "2x32", "--dynamic_decode", "--no-static_decode")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2:4 is measured on CUDA only" in proc.stdout
     files = list(out.glob("sparse-*.json"))
@@ -112,3 +113,106 @@ def test_speedups_wins_and_goals():
     assert [x["shape"] for x in s24["loses"]] == ["124m prefill eager b8 t1024"]
     assert [x["shape"] for x in s24["failed"]] == ["124m decode eager b16 ctx512"]
     assert s24["min_winning_speedup"] == pytest.approx(2.0 / 1.9)
+
+
+def test_static_decode_profile_and_controls_on_cpu(tmp_path):
+    """The issue-18 additions on CPU: the dense+fuse control, static-cache decode rows of every decode variant
+    (interleaved, eager on CPU), the profile (op categories, linear labels, text file) and the goals' bookkeeping;
+    2:4 variants are left out on CPU."""
+    out = tmp_path / "bench"
+    proc = _run("--presets", "tiny", "--variants", "dense,structured,dense+fuse,2:4+ft", "--batch_sizes", "1",
+                "--seq_lens", "16", "--goal_shape", "2x16", "--decode_batch_sizes", "1,2", "--prompt_len", "6",
+                "--gen_tokens", "5", "--profile", "--profile_presets", "tiny", "--quick", "--device", "cpu",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(out.glob("sparse-*.json")).read_text())
+    assert res["complete"] and res["variants_measured"] == ["dense", "structured", "dense+fuse"]
+    assert res["args"]["repeats"] == 5 and res["args"]["gen_tokens"] == 5  # --quick caps, never raises
+    fuse = next(v for v in res["variants"] if v["variant"] == "dense+fuse")
+    assert fuse["n_fused"] == 10  # q, k, v, gate, up in each of tiny's 2 layers
+    rows = res["rows"]
+    assert not [r for r in rows if "error" in r]
+    pre = {(r["variant"], r["batch"], r["seq_len"]) for r in rows if r["phase"] == "prefill"}
+    assert pre == {(v, b, 16) for v in ("dense", "structured", "dense+fuse") for b in (1, 2)}  # goal shape added
+    dec = [r for r in rows if r["phase"] == "decode_static"]
+    assert {(r["variant"], r["batch"]) for r in dec} == {(v, b) for v in ("dense", "structured", "dense+fuse")
+                                                         for b in (1, 2)}
+    for r in dec:
+        assert r["mode"] == "eager" and r["context"] == 6 and r["new_tokens"] == 5
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["latency_ms"])
+        assert r["speedup"] > 0 and (r["variant"] != "dense" or r["speedup"] == 1.0)
+    profs = {p["variant"]: p for p in res["profiles"] if p["phase"] == "prefill"}
+    assert set(profs) == {"dense", "structured"}  # the default --profile_variants that were measured
+    decs = {p["variant"]: p for p in res["profiles"] if p["phase"] == "decode"}
+    assert set(decs) == {"dense", "structured"} and decs["dense"]["steps"] == 4  # 5 tokens: 4 decode steps
+    for p in [*profs.values(), *decs.values()]:
+        cats = p["eager"]["categories"]
+        assert {"dense mm", "attention", "LM head"} <= set(cats)
+        assert p["eager"]["ms_per_forward"] == pytest.approx(sum(cats.values()))
+        labels = {x["label"]: x for x in p["eager"]["linear"]}
+        assert labels["lm_head"]["calls_per_forward"] == 1.0
+        assert all(x["calls_per_forward"] == 2.0 for k, x in labels.items() if k.startswith("linear:"))  # 2 layers
+    assert "linear:q_proj 32x64" in {x["label"] for x in profs["structured"]["eager"]["linear"]}  # 2 of 4 heads
+    text = next(out.glob("profile-*.txt")).read_text()
+    assert "kernel sum (eager)" in text and "largest kernels, tiny dense" in text and "ms per decode step" in text
+    g = res["goals"]
+    assert g["model_24"]["met"] is None and g["structured_decode"]["met"] is None
+    assert g["decode_not_slower"]["met"] in (True, False)
+    assert "issue 18's goals" in proc.stdout
+
+
+def test_time_budget_skips_and_still_writes(tmp_path):
+    out = tmp_path / "bench"
+    proc = _run("--presets", "tiny", "--device", "cpu", "--time_budget", "0.000001", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(out.glob("sparse-*.json")).read_text())
+    assert res["complete"] and res["rows"] == [] and res["skipped"] == ["preset tiny"]
+    assert "time budget" in proc.stdout
+
+
+def test_op_categories():
+    bs = _load()
+    c = bs.op_category
+    lin = ["aten::mm", "aten::linear", "linear:q_proj 64x64", "LlamaModel"]
+    assert c("sm90_xmma_sparse_gemm", ["cudaLaunchKernel", "aten::_cslt_sparse_mm", *lin]) == "sparse mm"
+    assert c("nvjet_hsh", ["aten::mm", *lin[1:]]) == "dense mm"
+    assert c("direct_copy_kernel", ["aten::copy_", "aten::clone", "aten::contiguous", *lin[2:]]) == "layout copy"
+    assert c("direct_copy_kernel", ["aten::copy_", "aten::_to_copy", "aten::to"]) == "dtype conversion"
+    assert c("elementwise", ["aten::constant_pad_nd", "aten::pad", "aten::_cslt_sparse_mm"]) == "sparse mm"
+    assert c("elementwise", ["aten::constant_pad_nd", "aten::pad", "aten::mm"]) == "padding"
+    assert c("gemm", ["aten::mm", "aten::linear", "lm_head"]) == "LM head"
+    assert c("flash_fwd", ["aten::_flash_attention_forward", "aten::scaled_dot_product_attention"]) == "attention"
+    assert c("reduce_kernel", ["aten::mean", "norm"]) == "norms"
+    assert c("vectorized_elementwise_kernel", ["aten::mul"]) == "elementwise/other"
+    # graph replays: kernel names only
+    assert c("flash_fwd_splitkv_kernel", []) == "attention"
+    assert c("flash_fwd_kernel", ["cudaGraphLaunch"]) == "attention"  # runtime calls are not ops
+    assert c("sm90_xmma_gemm_f16f16", []) == "dense mm"
+    assert c("cusparseLt_sm90_spmma", []) == "sparse mm"
+    assert c("direct_copy_kernel_cuda", []) == "other copies"
+
+
+def test_issue_18_goals():
+    bs = _load()
+
+    def row(preset, variant, phase, ms, batch=16, seq=1024):
+        return {"preset": preset, "variant": variant, "phase": phase, "mode": "graph", "batch": batch,
+                "seq_len": seq if phase == "prefill" else 1, "context": 0 if phase == "prefill" else 128,
+                "latency_ms": ms, "tokens_per_s": 1.0}
+
+    rows = [row("1b", "dense", "prefill", 100.0), row("1b", "2:4", "prefill", 120.0),
+            row("1b", "2:4+ft", "prefill", 85.0), row("1b", "structured", "prefill", 60.0),
+            row("350m", "dense", "prefill", 50.0), row("350m", "2:4+ft", "prefill", 49.0),
+            row("350m", "structured", "prefill", 33.0),
+            row("1b", "dense", "decode_static", 10.0, 1), row("1b", "structured", "decode_static", 7.0, 1),
+            row("1b", "dense", "decode_static", 20.0, 16), row("1b", "structured", "decode_static", 16.0, 16),
+            row("1b", "2:4+ft", "decode_static", 30.0, 16)]
+    bs.add_speedups(rows)
+    g = bs.goals_18(rows, (16, 1024))
+    m = g["model_24"]
+    assert m["per_preset"]["1b"]["best_variant"] == "2:4+ft" and m["per_preset"]["1b"]["met"] is True
+    assert m["per_preset"]["350m"]["met"] is False and m["met"] is False  # 50/49 < 1.05
+    assert g["structured_prefill_18"]["per_preset"]["1b"]["met"] and not g["structured_prefill_18"]["met"]
+    sd = g["structured_decode"]["per_preset"]["1b"]
+    assert sd["per_batch"] == {1: pytest.approx(10 / 7), 16: pytest.approx(1.25)} and sd["met"] is False
+    assert g["decode_not_slower"]["met"] is True  # the slower 2:4 decode row is not a dense-kernel student

@@ -288,3 +288,51 @@ def test_eval_cuda_sparse_24(tmp_path):
         for lat in sp["latency"].values():
             assert lat["latency_ms"] > 0 and lat["speedup"] > 0 and lat["speedup_graph"] > 0
         assert all("error" not in r for r in sp["linear_shapes"]), sp["linear_shapes"]
+
+
+def test_eval_decode_rows_and_report(evaluated):
+    """Stage 05's decode measurement (static KV cache, eager on CPU) for every model and decode batch size, and
+    the report's main table and decode section built from it."""
+    from pipeline.report import decode_table, model_table
+
+    _, manifest = evaluated
+    m = manifest["metrics"]
+    for row in m.values():
+        assert set(row["decode"]) == {"b1", "b16"}
+        for key, d in row["decode"].items():
+            assert "error" not in d, d
+            assert d["path"] == "eager" and d["fallback"] is None
+            assert d["batch"] == int(key[1:]) and d["new_tokens"] == 8 and d["prompt_len"] > 0
+            assert d["ttft_ms"] > 0 and d["tok_s"] == pytest.approx(d["batch"] * 1e3 / d["ms_per_token"])
+            assert d["speedup_tok_s"] > 0 and d["speedup_ttft"] > 0
+    assert m["dense"]["decode"]["b16"]["speedup_tok_s"] == 1.0
+    table = "\n".join(model_table(m, "b2_t32"))
+    assert "decode tok/s (b1 / b16; static KV cache, eager)" in table and "generate tok/s (HF eager, b1)" in table
+    section = "\n".join(decode_table(m))
+    assert section.count("static KV cache, eager") == 6  # 3 models x 2 batch sizes
+
+
+def test_fused_projections_give_the_same_logits():
+    """q/k/v and gate/up fused into one matmul each (dense weights on CPU; on CUDA the same code fuses 2:4
+    weights): same logits as the unfused model, with and without a KV cache, and the siblings' parameters
+    live once, in the fused modules."""
+    import copy
+
+    from pipeline.evaluate import FusedProjectionPart, fuse_sibling_projections
+    from pipeline.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=192), 256, 32,
+                        seed=0).eval()
+    fused = copy.deepcopy(model)
+    names = fuse_sibling_projections(fused)
+    assert len(names) == 2 * 5  # q, k, v, gate, up in each of 2 layers
+    assert isinstance(fused.model.layers[0].self_attn.k_proj, FusedProjectionPart)
+    assert fused.model.layers[1].mlp.gate_up_fused.weight.shape == (2 * 192, 64)
+    assert fused.model.layers[0].self_attn.qkv_fused.weight.shape == (64 + 2 * 32, 64)  # GQA: 2 kv heads of 16
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        a = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = fused.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
