@@ -451,7 +451,9 @@ def _contiguous_if_strided(module: nn.Module, args: Any, output: torch.Tensor) -
 
 
 #: the options of :func:`to_semi_structured` that stage 05 uses (``scripts/bench_sparse.py`` times the others)
-SEMI_STRUCTURED_DEFAULTS: dict[str, Any] = {"fuse_transpose": True, "contiguous": "auto", "fuse_projections": False}
+#: stage 05's conversion: the cb49447 one (every sparse output copied to contiguous memory). The fused-transpose
+#: variant measured far slower on the H200 (``results/bench/NOTES.md``, 2026-12-03), so it stays opt-in.
+SEMI_STRUCTURED_DEFAULTS: dict[str, Any] = {"fuse_transpose": False, "contiguous": "all", "fuse_projections": False}
 
 #: groups of sibling projections that read the same input, in the order the module's forward calls them
 #: (LLaMA / Mistral / Qwen attention and SwiGLU MLP in transformers)
