@@ -320,12 +320,12 @@ def train_control(cfg: ControlConfig) -> dict | None:
     if not dist.is_rank0():
         return None
     outputs: dict[str, Any] = {"model_dir": "model", "config_hash": chash, **extra, "method": None, "masks": None,
-                               "student_dir": str(student_dir), "arch": type(model).__name__,
-                               "n_params": r.n_params, "architecture": arch_summary(model.config)}
+                               "arch": type(model).__name__, "n_params": r.n_params,
+                               "architecture": arch_summary(model.config)}
     if name == "dense_plus":
         outputs["init_from"] = tc.init_from
-    else:
-        outputs["method"] = method
+    else:  # the student's architecture (and masks): the size, sparsity and method of the model it controls
+        outputs.update(method=method, student_dir=str(student_dir))
     if masks:  # sparsity is a fact about the exported weights
         sd = load_export_state_dict(Path(r.model_dir))
         bad = {k: v for k, v in count_mask_violations(sd, masks).items() if v}

@@ -320,7 +320,7 @@ def summary_lines(models: dict[str, dict]) -> list[str]:
 #: what each model is, in the words of the controls table and the headline
 ROLE = {"dense": "the dense model (stage 02)", "pruned": "the student right after pruning (stage 03)",
         "distilled": "the pruned student distilled from the dense teacher (stage 04)",
-        "dense_plus": "dense+: the dense model trained stage 04's steps more",
+        "dense_plus": "the dense model trained stage 04's steps more",
         "finetune": "the pruned student fine-tuned without the teacher (cross-entropy only)",
         "scratch": "the student's architecture trained from scratch",
         "scratch_full": "the student's architecture trained from scratch"}
@@ -371,7 +371,8 @@ def _steps_of(man: dict) -> int | None:
 def controls_table(models: dict[str, dict], mans: dict[str, dict], ref: str, graphed: bool) -> list[str]:
     """Every model with what it cost: its stage's steps and the steps, tokens, tokens per non-zero parameter,
     epochs and device-seconds in all (the teacher's pretraining included where the model descends from it),
-    beside its perplexity, the change against the distilled student, and its speed-up against dense."""
+    beside its perplexity, the student's perplexity relative to it (``student / model - 1``: positive where the
+    student is worse, the figure the headline quotes), and its speed-up against dense."""
     from pipeline.budget import budget_of
 
     student = models.get("distilled") or models.get("pruned")
@@ -392,11 +393,11 @@ def controls_table(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
             _f(tokens / epoch_tokens, 2) if tokens is not None and epoch_tokens else "–",
             _f(cum.get("device_s"), 0) + (" (est.)" if b.get("estimated") else ""),
             _f(r["val_ppl"]),
-            _pct(r["val_ppl"] / student["val_ppl"] - 1) if student else "–",
+            _pct(student["val_ppl"] / r["val_ppl"] - 1) if student else "–",
             _int(r["nonzero"]), _f(ref_speedup(r, ref, graphed)) + "×",
         ])
     return _table(["model", "what it is", "steps (stage / in all)", "tokens in all", "tokens / non-zero param",
-                   "epochs in all", f"{unit} in all", "val ppl", "Δ ppl vs student", "non-zero params",
+                   "epochs in all", f"{unit} in all", "val ppl", "student's ppl vs this", "non-zero params",
                    f"speed-up ({ref})"], rows)
 
 
@@ -452,12 +453,17 @@ def headline_lines(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
                    f"{who.lower()} {_f(s['val_ppl'])}: the student is "
                    f"{_rel(s['val_ppl'], models[best_small]['val_ppl'])} it.")
     clauses = []
-    for c in controls:
+    order = ["scratch_full", "scratch", "finetune", "dense_plus"]  # the student's size first, then dense+
+    s_steps = _steps_of(mans.get(s_name) or {}) if s_name == "distilled" else None
+    for c in sorted(controls, key=lambda n: order.index(n) if n in order else len(order)):
         r, steps = models[c], _steps_of(mans.get(c) or {})
-        what = {"finetune": f"fine-tuning the pruned student without the teacher for the same {_int(steps)} steps",
-                "scratch": f"the same architecture trained from scratch for {_int(steps)} steps",
+        same = "the same " if steps == s_steps else ""
+        theirs = "" if steps == s_steps or s_steps is None or c == "scratch_full" else f", the student {s_steps}"
+        what = {"finetune": f"fine-tuning the pruned student without the teacher for {same}{_int(steps)} steps"
+                            f"{theirs}",
+                "scratch": f"the same architecture trained from scratch for {_int(steps)} steps{theirs}",
                 "scratch_full": f"the same architecture trained from scratch for {_int(steps)} steps",
-                "dense_plus": f"the dense model trained {_int(steps)} steps more instead"}.get(c, label(c))
+                "dense_plus": f"the dense model trained {_int(steps)} steps more instead{theirs}"}.get(c, label(c))
         clauses.append(f"{_rel(s['val_ppl'], r['val_ppl'])} {what} ({label(c)}, perplexity {_f(r['val_ppl'])})")
     out.append(f"- {who} (perplexity {_f(s['val_ppl'])}) is " + "; ".join(clauses[:-1])
                + ("; and " if len(clauses) > 1 else "") + clauses[-1] + ".")
@@ -499,14 +505,35 @@ def controls_section(run_dir: Path, manifests: dict[str, dict], models: dict[str
              "## Compression against its controls", "", *controls_table(models, mans, ref, graphed), "",
              "Steps: of the model's own stage / in all, counting the pretraining of the model it descends from; "
              "tokens, tokens per non-zero parameter, epochs over the training split and device-seconds (wall "
-             "seconds of training × processes; GPU-seconds on CUDA, CPU-seconds on CPU) likewise in all. Δ ppl "
-             "vs student: against the distilled student (lower perplexity is better). Speed-up: against the dense "
-             "model at the main table's reference shape.", ""]
-    budgets = budget_lines(models, mans)
+             "seconds of training × processes; GPU-seconds on CUDA, CPU-seconds on CPU) likewise in all. Student's "
+             "ppl vs this: the distilled student's perplexity relative to the row's, + where the student is worse "
+             "(lower perplexity is better). Speed-up: against the dense model at the main table's reference "
+             "shape.", ""]
+    budgets = budget_lines(models, mans) + missing_control_lines(run_dir, manifests, models)
     if budgets:
         lines += ["Control budgets, as each control's manifest records them (same data, validation split, "
                   "launcher and DeepSpeed config as the stage whose recipe it copies):", "", *budgets, ""]
     return lines
+
+
+def missing_control_lines(run_dir: Path, manifests: dict[str, dict], models: dict[str, dict]) -> list[str]:
+    """One line per control this run's evaluation does not hold: what it would be and the command that trains it."""
+    from pipeline.controls import CONTROLS
+
+    missing = [c for c in CONTROLS if c not in models]
+    if not missing or not any(r.get("stage") == "controls" for r in models.values()):
+        return []
+    preset = manifests.get("pretrain", {}).get("config", {}).get("preset")
+    steps = [manifests.get(s, {}).get("config", {}).get("max_steps") for s in ("pretrain", "distill")]
+    every = " ".join(c for c in CONTROLS if c in models or c in missing)
+    cmd = f"make all RUN={run_dir.name}{f' PRESET={preset}' if preset and preset != 'cpu' else ''} CONTROLS=\"{every}\""
+    out = []
+    for c in missing:
+        why = (f" (the {preset} preset leaves it out of `make all`: stage 02 + 04's {steps[0]} + {steps[1]} steps do "
+               f"not fit its 15-minute budget on 2 CPU cores)" if c == "scratch_full" and preset == "cpu" else "")
+        out.append(f"- **{label(c)}** ({CONTROLS[c]}): not in this run{why}; `{cmd}` trains it and evaluates and "
+                   f"reports again.")
+    return out
 
 
 def regime_section(manifests: dict[str, dict]) -> list[str]:
