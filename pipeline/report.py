@@ -322,8 +322,8 @@ ROLE = {"dense": "the dense model (stage 02)", "pruned": "the student right afte
         "distilled": "the pruned student distilled from the dense teacher (stage 04)",
         "dense_plus": "the dense model trained stage 04's steps more",
         "finetune": "the pruned student fine-tuned without the teacher (cross-entropy only)",
-        "scratch": "the student's architecture trained from scratch",
-        "scratch_full": "the student's architecture trained from scratch"}
+        "scratch": "the student's architecture trained from scratch for stage 04's steps",
+        "scratch_full": "the student's architecture trained from scratch for stage 02 + 04's steps"}
 #: relative perplexity differences below this are reported as equal
 SAME_PPL = 0.0005
 
@@ -390,7 +390,7 @@ def controls_table(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
             f"**{label(name)}**", ROLE.get(name, r.get("stage", "?")),
             f"{_int(b.get('steps'))} / {_int(cum.get('steps'))}", _int(tokens),
             _f(tokens / r["nonzero"], 3) if tokens is not None and r.get("nonzero") else "–",
-            _f(tokens / epoch_tokens, 2) if tokens is not None and epoch_tokens else "–",
+            f"{tokens / epoch_tokens:.3g}" if tokens is not None and epoch_tokens else "–",
             _f(cum.get("device_s"), 0) + (" (est.)" if b.get("estimated") else ""),
             _f(r["val_ppl"]),
             _pct(student["val_ppl"] / r["val_ppl"] - 1) if student else "–",
@@ -448,8 +448,8 @@ def headline_lines(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
         out.append(f"- **Compression paid off at the student's size**: {who.lower()} has the lowest perplexity of "
                    f"the {len(same_size)} models with its {_int(s['nonzero'])} non-zero parameters.")
     else:
-        out.append(f"- **Compression did not pay off at the student's size**: {label(best_small)} "
-                   f"({ROLE.get(best_small, best_small)}) reaches perplexity {_f(models[best_small]['val_ppl'])}, "
+        out.append(f"- **Compression did not pay off at the student's size**: {label(best_small)}, "
+                   f"{ROLE.get(best_small, best_small)}, reaches perplexity {_f(models[best_small]['val_ppl'])}, "
                    f"{who.lower()} {_f(s['val_ppl'])}: the student is "
                    f"{_rel(s['val_ppl'], models[best_small]['val_ppl'])} it.")
     clauses = []
@@ -471,6 +471,8 @@ def headline_lines(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
     if d is not None:
         sp_s, sp_d = ref_speedup(s, ref, graphed), ref_speedup(d, ref, graphed)
         speed = f"a student that runs {_f(sp_s / sp_d)}× as fast at {ref}" if sp_s and sp_d else "no speed figure"
+        if sp_s and sp_d and (noisy(s["latency"].get(ref, {})) or noisy(d["latency"].get(ref, {}))):
+            speed += " (timings noisy: a busy machine)"
         nz, dp = s["nonzero"] / d["nonzero"] - 1, s["val_ppl"] / d["val_ppl"] - 1
         size = f"{100 * abs(nz):.1f}% {'fewer' if nz <= 0 else 'more'} non-zero parameters"
         quality = f"{100 * abs(dp):.1f}% {'higher' if dp > 0 else 'lower'} perplexity"
