@@ -1,6 +1,7 @@
 # Staged pipeline: each target is a stage's manifest.json, so `make` re-runs only stale stages.
 #   make all                      whole pipeline on the default corpus and the CPU preset
 #   make test                     the test suite
+#   make controls RUN=x           the compression controls (dense+, finetune, scratch; part of make all)
 #   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
 # Variables (override on the command line):
 RUN          ?= default
@@ -18,6 +19,10 @@ PRETRAIN_ARGS ?=
 PRUNE_ARGS   ?=
 DISTILL_ARGS ?=
 EVAL_ARGS    ?=
+CONTROLS_ARGS ?=
+# compression controls trained by `make controls` (each its own target; CONTROLS= skips them), see pipeline/controls.py;
+# the cpu preset leaves out scratch_full (stage 02 + 04's 800 steps) so that make all stays under 15 min on 2 cores
+CONTROLS     ?= dense_plus finetune scratch $(if $(filter cpu,$(PRESET)),,scratch_full)
 REPORT_ARGS  ?=
 # make bench: engine against plain PyTorch on 1, 2 and 4 GPUs (counts above those visible are skipped)
 BENCH_ARGS   ?= --gpus 1,2,4 --parallel
@@ -54,7 +59,7 @@ endif
 
 COMMON := --run $(RUN) --preset $(PRESET)
 
-.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help
+.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help controls
 .DELETE_ON_ERROR:
 
 all: report
@@ -91,6 +96,15 @@ $(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
 
 $(R)/report.md: $(R)/05_eval/manifest.json
 	$(PY) scripts/report.py $(COMMON) $(REPORT_ARGS)
+
+# Compression controls: one manifest per control, so only stale ones re-run; stage 05 evaluates them too.
+CONTROL_MANIFESTS := $(foreach c,$(CONTROLS),$(R)/06_controls/$(c)/manifest.json)
+controls: $(CONTROL_MANIFESTS)
+
+$(CONTROL_MANIFESTS): $(R)/06_controls/%/manifest.json: $(R)/04_distill/manifest.json
+	$(LAUNCH) scripts/controls.py $(COMMON) --control $* --resume auto $(CONTROLS_ARGS)
+
+$(R)/05_eval/manifest.json: $(CONTROL_MANIFESTS)
 
 tensorboard: $(SETUP)
 	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)

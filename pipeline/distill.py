@@ -504,6 +504,8 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
     ``batch`` is ``(B, T + 1)`` token ids: inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``. ``teacher`` is a
     :class:`Teacher` or a zero-argument callable returning one (it is built once the engine exists). The metrics
     are ``kd/loss``, ``kd/kl`` (without T²), ``kd/ce`` and, with ``hidden_mse_weight > 0``, ``kd/hidden_mse``.
+    With ``alpha 0`` and no hidden-state term the loss is the cross-entropy alone and the teacher is not run
+    (``kd/kl`` is then not logged).
     Every rank must call it for every micro-batch (under ZeRO-3 the teacher's forward is collective).
     """
     get_teacher = teacher if callable(teacher) and not isinstance(teacher, Teacher) else (lambda: teacher)
@@ -512,6 +514,11 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
 
     def loss_fn(engine: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch[:, :-1], batch[:, 1:]
+        if cfg.alpha == 0.0 and not hidden:  # cross-entropy only: the teacher's logits would be weighted 0
+            from pipeline.train import token_cross_entropy
+
+            ce = token_cross_entropy(engine(input_ids=x, use_cache=False).logits, y)
+            return ce, {"kd/ce": ce.detach(), "kd/loss": ce.detach()}
         t_out = get_teacher()(x, use_cache=False, output_hidden_states=hidden)
         s_out = engine(input_ids=x, use_cache=False, output_hidden_states=hidden)
         loss, kl, ce = kd_loss(s_out.logits, t_out.logits, y, cfg.temperature, cfg.alpha, chunk_size=chunk)
@@ -533,8 +540,13 @@ _TEACHER_ZERO3_KEYS = ("stage3_param_persistence_threshold", "stage3_prefetch_bu
                        "stage3_max_live_parameters", "stage3_max_reuse_distance", "offload_param")
 
 
-def distill(cfg: DistillConfig) -> dict | None:
+def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str = "distill",
+            tb_name: str = "distill", extra_outputs: dict | None = None) -> dict | None:
     """Run stage 04: distil the stage-02 teacher into the stage-03 student through the shared training loop.
+
+    The keyword arguments let a control reuse the stage unchanged (``pipeline.controls``' ``finetune``: the same
+    recipe with ``alpha 0``): ``out_dir`` instead of ``04_distill``, ``stage`` in messages and the manifest,
+    TensorBoard under ``tb/<tb_name>``, and ``extra_outputs`` added to the manifest's outputs.
 
     Reads ``01_data`` (tokens, tokenizer), ``02_pretrain`` (teacher) and ``03_prune`` (student and masks);
     writes ``04_distill/`` with ``model/`` (the export, tokenizer beside it), ``masks.safetensors`` (a copy of
@@ -553,6 +565,8 @@ def distill(cfg: DistillConfig) -> dict | None:
             not fit the student, or an export whose pruned weights are not all zero (no manifest is written).
     """
     from pipeline import checkpoint as ckpt
+    from pipeline.budget import budget_of, training_budget
+    from pipeline.engine import device_type
     from pipeline.train import TrainData, evaluate, run_training
 
     t0 = time.time()
@@ -560,7 +574,7 @@ def distill(cfg: DistillConfig) -> dict | None:
     data_m = require_stage(run_dir, "data", cfg.run)
     pre_m = require_stage(run_dir, "pretrain", cfg.run)
     prune_m = require_stage(run_dir, "prune", cfg.run)
-    out_dir = stage_dir(run_dir, "distill")
+    out_dir = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
     teacher_dir = Path(pre_m["_dir"]) / pre_m["outputs"]["model_dir"]
     student_dir = Path(prune_m["_dir"]) / prune_m["outputs"]["model_dir"]
     method = prune_m["outputs"].get("method")
@@ -606,7 +620,7 @@ def distill(cfg: DistillConfig) -> dict | None:
             raise StageError(f"the stage-03 student has {sum(revived.values())} nonzero weights where its masks say "
                              f"pruned; re-run `make prune RUN={cfg.run}`")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
-    prepare_output_dir(out_dir, chash, cfg.overwrite, "distill")
+    prepare_output_dir(out_dir, chash, cfg.overwrite, stage)
     data = TrainData.from_manifest(data_m)
     if cfg.overwrite and (out_dir / "manifest.json").exists():
         from pipeline.manifest import read_manifest
@@ -615,7 +629,7 @@ def distill(cfg: DistillConfig) -> dict | None:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
     resuming = ckpt.find_resume(out_dir / "checkpoints", cfg.resume) is not None
-    tb_dir = cfg.tb_root() / "distill"
+    tb_dir = cfg.tb_root() / tb_name
 
     # -- state built once the engine exists ----------------------------------------------------
     state: dict[str, Any] = {"teacher": None, "keeper": None, "ref": {}}
@@ -643,7 +657,7 @@ def distill(cfg: DistillConfig) -> dict | None:
             log.log(0, {"kd/teacher_val_loss": t_loss, "kd/teacher_val_ppl": t_ppl, "val/loss": s_loss,
                         "val/ppl": s_ppl})
         if dist.is_rank0():
-            print(f"[distill] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f}", flush=True)
+            print(f"[{stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f}", flush=True)
 
     def after_step(engine: Any) -> None:  # every rank
         if state["keeper"] is not None:
@@ -655,13 +669,15 @@ def distill(cfg: DistillConfig) -> dict | None:
     from pipeline.checkpoint import CheckpointError
     from pipeline.engine import FP16HealthError
 
+    t_train = time.time()
     try:
         result = run_training(
-            cfg, student, stage="distill", out_dir=out_dir, tb_dir=tb_dir, data=data,
+            cfg, student, stage=stage, out_dir=out_dir, tb_dir=tb_dir, data=data,
             loss_fn=make_kd_loss_fn(lambda: state["teacher"], cfg), after_step=after_step, on_engine=on_engine,
             client_state_hook=lambda: {"distill_ref": state["ref"]}, restore_hook=restore)
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
+    t_train = time.time() - t_train
     teacher = state["teacher"]
     teacher.measure()  # after training: under ZeRO-3 the persistent small parameters are gathered by now
 
@@ -690,13 +706,18 @@ def distill(cfg: DistillConfig) -> dict | None:
                "loss_scale": result.loss_scale, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                "precision": result.precision, "precision_note": result.precision_note, "zero_stage": result.zero_stage,
                "world_size": result.world_size, "launcher": result.launcher, "backend": result.backend,
-               "resumed_from": result.resumed_from, "history": result.history}
+               "resumed_from": result.resumed_from, "history": result.history,
+               # what the student cost, the teacher's pretraining included (pipeline.budget), and its data regime
+               "budget": training_budget(result.steps, result.tokens_seen, t_train, result.world_size, device_type(),
+                                         parent=budget_of(pre_m), parent_name="pretrain"),
+               "regime": result.regime}
+    outputs.update(extra_outputs or {})
     config = to_dict(cfg)
     # the student's shape comes from stage 03, not from the (pretraining) model fields of this config
     config["model"] = {"from": str(student_dir), "hidden_size": s_cfg.hidden_size,
                        "num_hidden_layers": s_cfg.num_hidden_layers,
                        "num_attention_heads": getattr(s_cfg, "num_attention_heads", None),
                        "intermediate_size": getattr(s_cfg, "intermediate_size", None)}
-    return write_manifest(out_dir, "distill", config, outputs, metrics,
+    return write_manifest(out_dir, stage, config, outputs, metrics,
                           inputs={"data": data_m["_dir"], "pretrain": pre_m["_dir"], "prune": prune_m["_dir"]},
                           seed=cfg.seed, wall_time_s=time.time() - t0)

@@ -50,8 +50,9 @@ class EvalConfig(CommonConfig):
     """Configuration of stage 05 (evaluation)."""
 
     models: list[str] = doc(
-        "Stages whose models are evaluated, from pretrain, prune, distill; empty: every one that exists "
-        "(pretrain is always required: it is the dense baseline of every speed-up).",
+        "Stages whose models are evaluated, from pretrain, prune, distill, controls (every finished control of "
+        "06_controls); empty: every one that exists (pretrain is always required: it is the dense baseline of "
+        "every speed-up).",
         default_factory=list,
     )
     batch_sizes: list[int] = doc("Batch sizes of the forward-latency measurements.", default_factory=lambda: [1, 8])
@@ -87,7 +88,7 @@ class EvalConfig(CommonConfig):
         """Every problem of the configuration, one string each (empty when valid)."""
         problems = []
         for m in self.models:
-            if m not in MODEL_STAGES:
+            if m not in MODEL_STAGES and m != "controls":
                 problems.append(f"models: '{m}' is not a model stage; choose from {', '.join(MODEL_STAGES)}")
         if self.models and "pretrain" not in self.models:
             problems.append("models: must include 'pretrain' (the dense baseline of every comparison)")
@@ -142,11 +143,13 @@ class ModelEntry:
 
 
 def find_models(run_dir: str | Path, models: list[str] | None = None) -> list[ModelEntry]:
-    """The models of a run, found only through their stages' manifests, in pipeline order.
+    """The models of a run, found only through their stages' manifests, in pipeline order, then the finished
+    compression controls of ``06_controls`` (:func:`pipeline.controls.control_entries`, stage ``controls``).
 
     Args:
         run_dir: ``results/<run>``.
-        models: stages to evaluate; empty or ``None``: pretrain plus every other stage whose directory exists.
+        models: stages to evaluate (``controls``: every finished control); empty or ``None``: pretrain plus every
+            other stage whose directory exists, and the controls.
 
     Raises:
         StageError: pretrain missing or incomplete; a requested stage missing; a stage directory that
@@ -157,6 +160,8 @@ def find_models(run_dir: str | Path, models: list[str] | None = None) -> list[Mo
     wanted = list(models) if models else ["pretrain"] + [
         s for s in ("prune", "distill") if stage_dir(run_dir, s).exists()
     ]
+    with_controls = not models or "controls" in models  # pipeline.controls: listed after the stages' models
+    wanted = [s for s in wanted if s != "controls"]
     manifests = {s: require_stage(run_dir, s) for s in wanted}
     prune_manifest = manifests.get("prune")
     if prune_manifest is None and stage_dir(run_dir, "prune").exists():
@@ -192,6 +197,10 @@ def find_models(run_dir: str | Path, models: list[str] | None = None) -> list[Mo
         if masks is not None and not masks.exists():
             raise StageError(f"{masks} (the masks of {sdir}) does not exist; re-run `make prune --overwrite`")
         entries.append(ModelEntry(MODEL_STAGES[s], s, sdir, mdir, man, method, masks))
+    if with_controls:
+        from pipeline.controls import control_entries
+
+        entries += control_entries(run_dir)
     return entries
 
 

@@ -334,6 +334,21 @@ def sparse_24_section(models: dict[str, dict], device: str) -> list[str]:
     return out
 
 
+def student_tail(models: dict[str, dict], s: dict, d: dict) -> str:
+    """The end of the summary's sentence on the distilled student: the models trained without compression that
+    beat it, or that there are none (or no controls at all); never a share of the pruning loss "recovered"."""
+    beaten_by = [n for n, r in models.items() if r.get("stage") == "controls" and r["val_ppl"] < s["val_ppl"]]
+    below_dense = "; it is below the dense model's too, having trained more steps than the teacher" \
+        if s["val_ppl"] < d["val_ppl"] else ""
+    if beaten_by:
+        return (below_dense + "; but " + ", ".join(f"{label(n)} ({_f(models[n]['val_ppl'])})" for n in beaten_by)
+                + (" is" if len(beaten_by) == 1 else " are") + " lower still, without pruning or without the teacher "
+                "(see the headline).")
+    if any(r.get("stage") == "controls" for r in models.values()):
+        return below_dense + "; no control model beats it (see the headline)."
+    return below_dense + "; this run has no control models (`make controls`) to say what else the same steps buy."
+
+
 def summary_lines(models: dict[str, dict]) -> list[str]:
     """Plain-language findings computed from the table's figures (no new measurement)."""
     d = models["dense"]
@@ -351,19 +366,276 @@ def summary_lines(models: dict[str, dict]) -> list[str]:
                    f"{100 * s['linear_sparsity']:.1f}% linear sparsity.")
     if p and s:
         below = s["val_ppl"] < p["val_ppl"]
-        gap = p["val_ppl"] - d["val_ppl"]
-        rec = (p["val_ppl"] - s["val_ppl"]) / gap if gap > 0 and below else None
-        if s["val_ppl"] < d["val_ppl"]:
-            tail = "; it is below the dense model's too (the student trained on more tokens than the teacher)."
-        elif rec is not None:
-            tail = f"; distillation recovered {100 * rec:.0f}% of the perplexity lost to pruning."
-        else:
-            tail = "."
+        # no "distillation recovered N%" here: a recovery says nothing about the controls, which may beat it
+        tail = student_tail(models, s, d)
         out.append(f"- Distilled perplexity is {'below' if below else '**not** below'} the pruned one "
                    f"({_f(s['val_ppl'])} vs {_f(p['val_ppl'])})" + tail)
     for name, r in models.items():
         if r.get("mask_violations"):
             out.append(f"- **{name}: {r['mask_violations']} weights are non-zero where the prune masks say pruned.**")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compression against its controls (pipeline.controls) and the data regime (pipeline.regime)
+
+#: what each model is, in the words of the controls table and the headline
+ROLE = {"dense": "the dense model (stage 02)", "pruned": "the student right after pruning (stage 03)",
+        "distilled": "the pruned student distilled from the dense teacher (stage 04)",
+        "dense_plus": "the dense model trained stage 04's steps more",
+        "finetune": "the pruned student fine-tuned without the teacher (cross-entropy only)",
+        "scratch": "the student's architecture trained from scratch for stage 04's steps",
+        "scratch_full": "the student's architecture trained from scratch for stage 02 + 04's steps"}
+#: relative perplexity differences below this are reported as equal
+SAME_PPL = 0.0005
+
+
+def label(name: str) -> str:
+    """The name a model has in the controls table (``dense_plus`` -> ``dense+``)."""
+    from pipeline.controls import LABELS
+
+    return LABELS.get(name, name)
+
+
+def model_manifests(run_dir: Path, manifests: dict[str, dict], models: dict[str, dict]) -> dict[str, dict]:
+    """The manifest of the stage (or control) that made each evaluated model (``{}`` when it is gone)."""
+    from pipeline.controls import control_dir
+
+    out = {}
+    for name, row in models.items():
+        if row.get("stage") == "controls":
+            p = control_dir(run_dir, row.get("stage_dir", name)) / MANIFEST
+            out[name] = read_manifest(p) if p.is_file() else {}
+        else:
+            out[name] = manifests.get(row.get("stage"), {})
+    return out
+
+
+def ref_speedup(row: dict, ref: str, graphed: bool) -> float | None:
+    """A model's speed-up against dense at the reference shape (CUDA-graph figure when ``graphed``)."""
+    lat = row["latency"].get(ref, {})
+    return lat.get("speedup_graph") if graphed else lat.get("speedup")
+
+
+def _rel(a: float, b: float) -> str:
+    """``a`` against ``b`` as perplexity (lower is better): '14.6% worse than' / '0.1% better than' / 'as good as'."""
+    r = a / b - 1
+    if abs(r) < SAME_PPL:
+        return "as good as (within 0.05%)"
+    return f"{100 * abs(r):.1f}% {'worse' if r > 0 else 'better'} than"
+
+
+def _steps_of(man: dict) -> int | None:
+    m = man.get("metrics", {})
+    return m.get("steps", (m.get("budget") or {}).get("steps"))
+
+
+def controls_table(models: dict[str, dict], mans: dict[str, dict], ref: str, graphed: bool) -> list[str]:
+    """Every model with what it cost: its stage's steps and the steps, tokens, tokens per non-zero parameter,
+    epochs and device-seconds in all (the teacher's pretraining included where the model descends from it),
+    beside its perplexity, the student's perplexity relative to it (``student / model - 1``: positive where the
+    student is worse, the figure the headline quotes), and its speed-up against dense."""
+    from pipeline.budget import budget_of
+
+    student = models.get("distilled") or models.get("pruned")
+    epoch_tokens = None
+    for man in mans.values():
+        epoch_tokens = epoch_tokens or (man.get("metrics", {}).get("regime") or {}).get("train_tokens")
+    units = {(budget_of(m) or {}).get("unit") for m in mans.values() if m} - {None}
+    unit = units.pop() if len(units) == 1 else "device-s"
+    rows = []
+    for name, r in models.items():
+        b = budget_of(mans.get(name) or {}) or {}
+        cum = b.get("cumulative", {})
+        tokens = cum.get("tokens")
+        rows.append([
+            f"**{label(name)}**", ROLE.get(name, r.get("stage", "?")),
+            f"{_int(b.get('steps'))} / {_int(cum.get('steps'))}", _int(tokens),
+            _f(tokens / r["nonzero"], 3) if tokens is not None and r.get("nonzero") else "–",
+            f"{tokens / epoch_tokens:.3g}" if tokens is not None and epoch_tokens else "–",
+            _f(cum.get("device_s"), 0) + (" (est.)" if b.get("estimated") else ""),
+            _f(r["val_ppl"]),
+            _pct(student["val_ppl"] / r["val_ppl"] - 1) if student else "–",
+            _int(r["nonzero"]), _f(ref_speedup(r, ref, graphed)) + "×",
+        ])
+    return _table(["model", "what it is", "steps (stage / in all)", "tokens in all", "tokens / non-zero param",
+                   "epochs in all", f"{unit} in all", "val ppl", "student's ppl vs this", "non-zero params",
+                   f"speed-up ({ref})"], rows)
+
+
+def size_groups(models: dict[str, dict], tol: float = 0.01) -> list[list[str]]:
+    """Model names grouped by size: non-zero parameter counts within ``tol`` (relative) of the group's first,
+    largest group first."""
+    groups: list[list[str]] = []
+    for name in sorted(models, key=lambda n: -models[n]["nonzero"]):
+        nz = models[name]["nonzero"]
+        for g in groups:
+            if abs(models[g[0]]["nonzero"] - nz) <= tol * models[g[0]]["nonzero"]:
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def headline_lines(models: dict[str, dict], mans: dict[str, dict], ref: str, graphed: bool) -> list[str]:
+    """The headline, computed from the controls table: which model is best at each size, and what compression
+    cost or bought against each control, the student's losses stated as losses."""
+    s_name = "distilled" if "distilled" in models else "pruned" if "pruned" in models else None
+    controls = [n for n, r in models.items() if r.get("stage") == "controls"]
+    out = []
+    for g in size_groups(models):
+        ranked = sorted(g, key=lambda n: models[n]["val_ppl"])
+        best = models[ranked[0]]
+        size = f"{_int(best['nonzero'])} non-zero parameters"
+        if len(ranked) == 1:
+            out.append(f"- At {size} there is one model: **{label(ranked[0])}** (perplexity {_f(best['val_ppl'])}).")
+            continue
+        rest = ", ".join(f"{label(n)} {_f(models[n]['val_ppl'])} ({_pct(models[n]['val_ppl'] / best['val_ppl'] - 1)})"
+                         for n in ranked[1:])
+        out.append(f"- At {size} the best model is **{label(ranked[0])}** (perplexity {_f(best['val_ppl'])}); "
+                   f"then {rest}.")
+    if s_name is None:
+        return out
+    s = models[s_name]
+    who = "The distilled student" if s_name == "distilled" else "The pruned student (no stage 04 in this run)"
+    if not controls:
+        out.append(f"- {who} has perplexity {_f(s['val_ppl'])}. This run has **no control models** (`make controls`), "
+                   f"so nothing here says whether compression beat training a small model directly or the dense "
+                   f"one longer.")
+        return out
+    same_size = next(g for g in size_groups(models) if s_name in g)
+    best_small = min(same_size, key=lambda n: models[n]["val_ppl"])
+    if best_small == s_name:
+        out.append(f"- **Compression paid off at the student's size**: {who.lower()} has the lowest perplexity of "
+                   f"the {len(same_size)} models with its {_int(s['nonzero'])} non-zero parameters.")
+    else:
+        out.append(f"- **Compression did not pay off at the student's size**: {label(best_small)}, "
+                   f"{ROLE.get(best_small, best_small)}, reaches perplexity {_f(models[best_small]['val_ppl'])}, "
+                   f"{who.lower()} {_f(s['val_ppl'])}: the student is "
+                   f"{_rel(s['val_ppl'], models[best_small]['val_ppl'])} it.")
+    clauses = []
+    order = ["scratch_full", "scratch", "finetune", "dense_plus"]  # the student's size first, then dense+
+    s_steps = _steps_of(mans.get(s_name) or {}) if s_name == "distilled" else None
+    for c in sorted(controls, key=lambda n: order.index(n) if n in order else len(order)):
+        r, steps = models[c], _steps_of(mans.get(c) or {})
+        same = "the same " if steps == s_steps else ""
+        theirs = "" if steps == s_steps or s_steps is None or c == "scratch_full" else f", the student {s_steps}"
+        what = {"finetune": f"fine-tuning the pruned student without the teacher for {same}{_int(steps)} steps"
+                            f"{theirs}",
+                "scratch": f"the same architecture trained from scratch for {_int(steps)} steps{theirs}",
+                "scratch_full": f"the same architecture trained from scratch for {_int(steps)} steps",
+                "dense_plus": f"the dense model trained {_int(steps)} steps more instead{theirs}"}.get(c, label(c))
+        clauses.append(f"{_rel(s['val_ppl'], r['val_ppl'])} {what} ({label(c)}, perplexity {_f(r['val_ppl'])})")
+    out.append(f"- {who} (perplexity {_f(s['val_ppl'])}) is " + "; ".join(clauses[:-1])
+               + ("; and " if len(clauses) > 1 else "") + clauses[-1] + ".")
+    d = models.get("dense_plus") or models.get("dense")
+    if d is not None:
+        sp_s, sp_d = ref_speedup(s, ref, graphed), ref_speedup(d, ref, graphed)
+        speed = f"a student that runs {_f(sp_s / sp_d)}× as fast at {ref}" if sp_s and sp_d else "no speed figure"
+        if sp_s and sp_d and (noisy(s["latency"].get(ref, {})) or noisy(d["latency"].get(ref, {}))):
+            speed += " (timings noisy: a busy machine)"
+        nz, dp = s["nonzero"] / d["nonzero"] - 1, s["val_ppl"] / d["val_ppl"] - 1
+        size = f"{100 * abs(nz):.1f}% {'fewer' if nz <= 0 else 'more'} non-zero parameters"
+        quality = f"{100 * abs(dp):.1f}% {'higher' if dp > 0 else 'lower'} perplexity"
+        against = label("dense_plus") if "dense_plus" in models else "dense"
+        out.append(f"- Against {against}, compression bought {size} and {speed}; it cost {quality}." if dp > 0 else
+                   f"- Against {against}, compression bought {size}, {speed}, and {quality}.")
+    return out
+
+
+def budget_lines(models: dict[str, dict], mans: dict[str, dict]) -> list[str]:
+    """The controls' budgets and recipes as their manifests record them."""
+    out = []
+    for name in (n for n, r in models.items() if r.get("stage") == "controls"):
+        man = mans.get(name) or {}
+        o, c = man.get("outputs", {}), man.get("config", {})
+        masked = (f"; the stage-03 {o.get('method')} masks applied at initialisation and kept fixed through training"
+                  if o.get("masks") and name.startswith("scratch") else "")
+        notes = "".join(f"; {n}" for n in o.get("notes", []))
+        out.append(f"- **{label(name)}**: {o.get('budget_rule', '?')}, recipe of {o.get('recipe_from', '?')} (LR "
+                   f"{c.get('lr')}, warmup {c.get('warmup_steps')}, cosine to {c.get('min_lr_ratio')} of the peak, "
+                   f"{c.get('micro_batch_size')} × {c.get('grad_accum')} sequences per rank and step, precision "
+                   f"{man.get('metrics', {}).get('precision')}, world size {man.get('metrics', {}).get('world_size')})"
+                   f"{masked}{notes}.")
+    return out
+
+
+def controls_section(run_dir: Path, manifests: dict[str, dict], models: dict[str, dict], ref: str) -> list[str]:
+    """The headline, the controls table and the control budgets (Markdown lines)."""
+    mans = model_manifests(run_dir, manifests, models)
+    graphed = graphed_reference(models, ref)
+    lines = ["## Headline", "", *headline_lines(models, mans, ref, graphed), "",
+             "## Compression against its controls", "", *controls_table(models, mans, ref, graphed), "",
+             "Steps: of the model's own stage / in all, counting the pretraining of the model it descends from; "
+             "tokens, tokens per non-zero parameter, epochs over the training split and device-seconds (wall "
+             "seconds of training × processes; GPU-seconds on CUDA, CPU-seconds on CPU) likewise in all. Student's "
+             "ppl vs this: the distilled student's perplexity relative to the row's, + where the student is worse "
+             "(lower perplexity is better). Speed-up: against the dense model at the main table's reference "
+             "shape.", ""]
+    budgets = budget_lines(models, mans) + missing_control_lines(run_dir, manifests, models)
+    if budgets:
+        lines += ["Control budgets, as each control's manifest records them (same data, validation split, "
+                  "launcher and DeepSpeed config as the stage whose recipe it copies):", "", *budgets, ""]
+    return lines
+
+
+def missing_control_lines(run_dir: Path, manifests: dict[str, dict], models: dict[str, dict]) -> list[str]:
+    """One line per control this run's evaluation does not hold: what it would be and the command that trains it."""
+    from pipeline.controls import CONTROLS
+
+    missing = [c for c in CONTROLS if c not in models]
+    if not missing or not any(r.get("stage") == "controls" for r in models.values()):
+        return []
+    preset = manifests.get("pretrain", {}).get("config", {}).get("preset")
+    steps = [manifests.get(s, {}).get("config", {}).get("max_steps") for s in ("pretrain", "distill")]
+    every = " ".join(c for c in CONTROLS if c in models or c in missing)
+    cmd = f"make all RUN={run_dir.name}{f' PRESET={preset}' if preset and preset != 'cpu' else ''} CONTROLS=\"{every}\""
+    out = []
+    for c in missing:
+        why = (f" (the {preset} preset leaves it out of `make all`: stage 02 + 04's {steps[0]} + {steps[1]} steps do "
+               f"not fit its 15-minute budget on 2 CPU cores)" if c == "scratch_full" and preset == "cpu" else "")
+        out.append(f"- **{label(c)}** ({CONTROLS[c]}): not in this run{why}; `{cmd}` trains it and evaluates and "
+                   f"reports again.")
+    return out
+
+
+def regime_section(manifests: dict[str, dict]) -> list[str]:
+    """The pretraining's data regime (pipeline.regime): tokens per parameter, epochs, train/validation gap,
+    whether validation loss rose, with the stage's warnings."""
+    from pipeline.regime import CHINCHILLA_TOKENS_PER_PARAM, data_regime
+
+    pre = manifests.get("pretrain")
+    out = ["## Data regime of the pretraining", ""]
+    if pre is None:
+        return out + ["No stage 02 manifest in this run.", ""]
+    g = pre.get("metrics", {}).get("regime")
+    if not g:  # a manifest written before the diagnostics: the figures that can be rebuilt from the manifests
+        dm, o, m = manifests.get("data", {}).get("metrics", {}), pre.get("outputs", {}), pre.get("metrics", {})
+        seq = manifests.get("data", {}).get("outputs", {}).get("seq_len")
+        if not (dm.get("train_blocks") and seq and o.get("n_params") and m.get("tokens_seen") is not None):
+            return out + ["The stage 02 manifest holds no data-regime figures; re-run `make pretrain`.", ""]
+        g = data_regime(o["n_params"], int(dm["train_blocks"]) * int(seq), m["tokens_seen"],
+                        [m["final_train_loss"]] if m.get("final_train_loss") else (),
+                        [(m.get("steps", 0), m["val_loss"])] if m.get("val_loss") is not None else ())
+        out += ["(Rebuilt from the manifests: this stage 02 predates the diagnostics, so the gap uses the last "
+                "logged training loss and whether validation loss rose is unknown.)", ""]
+    rise = ("**has been rising**" if g["val_rising"] else
+            "has not risen above its best" if len(g.get("val_history", [])) > 1 else "was measured once")
+    out += [f"- {_int(g['tokens_seen'])} training tokens for {_int(g['n_params'])} parameters: "
+            f"**{g['tokens_per_param']:.3g} tokens per parameter**, {g['chinchilla_fraction']:.2g}× the "
+            f"compute-optimal ~{CHINCHILLA_TOKENS_PER_PARAM:g} of Hoffmann et al. (2022)"
+            + (" (data-starved: a smaller model, or more data, would use this compute better)."
+               if g["tokens_per_param"] < CHINCHILLA_TOKENS_PER_PARAM / 2 else "."),
+            f"- **{g['epochs']:.3g} epochs** over the {_int(g['train_tokens'])}-token training split.",
+            "- Train/validation gap at the end: "
+            + (f"{g['train_val_gap']:+.3f} nats per token (validation {g['val_loss']:.3f}, training {g['train_loss']:.3f}, "
+               f"the mean logged since the previous evaluation)." if g.get("train_val_gap") is not None else "–.")
+            + f" Validation loss {rise}"
+            + (f" (best {g['best_val_loss']:.4f} at step {g['best_val_step']})." if g.get("best_val_step") is not None
+               else "."), ""]
+    for w in g.get("warnings", []):
+        out += [f"> **Warning**: {w}.", ""]
     return out
 
 
@@ -394,7 +666,8 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
     for stage, why in out.get("missing", {}).items():
         lines += [f"> **No {stage} stage in this run** ({why}): its row is absent and the rest of the report "
                   f"is built without it. Run `make {stage} RUN={run}` then `make eval report` to add it.", ""]
-    lines += ["## Summary", "", *summary_lines(models), "",
+    lines += [*controls_section(run_dir, mans, models, ref), *regime_section(mans),
+              "## Summary", "", *summary_lines(models), "",
               "## Models", "", *model_table(models, ref), "",
               f"Δ: relative change against the dense model. Speed-up: dense latency / model latency at batch × seq len "
               f"= {ref.replace('b', '').replace('_t', ' × ')}"

@@ -32,6 +32,7 @@ from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp
 from pipeline.manifest import read_manifest
 from pipeline.metrics import MetricsLogger
 from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
+from pipeline.regime import RegimeTracker
 from pipeline.sampler import GlobalBatchSampler, eval_shard
 from pipeline.tokens import BlockDataset, load_tokens
 
@@ -427,6 +428,7 @@ class TrainResult:
     mfu: float | None
     resumed_from: str | None
     history: dict[str, list] = field(default_factory=dict)
+    regime: dict[str, Any] = field(default_factory=dict)  # pipeline.regime: tokens per parameter, epochs, gap
 
 
 def _log(msg: str) -> None:
@@ -535,6 +537,7 @@ def run_training(
 
     n_params = count_params(model)
     fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, data.seq_len)
+    regime = RegimeTracker(n_params, len(data.train) * data.seq_len)  # data-regime diagnostics at each evaluation
     peak = cfg.peak_tflops or None
     if peak is None and dev_type == "cuda" and torch.cuda.is_available():
         peak = peak_tflops_for(torch.cuda.get_device_name())
@@ -585,11 +588,13 @@ def run_training(
         with engine.uncompiled():
             loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
             logger.log(at, {"val/loss": loss, "val/ppl": ppl})
+            scalars, warnings = regime.at_eval(at, tokens_seen, loss, history)
+            logger.log(at, scalars)
             if cfg.sample_tokens > 0:
                 text = generate_sample(engine, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed + at)
                 logger.text(at, "sample", text)
-        msg = f"step {at}: val/loss {loss:.4f}  val/ppl {ppl:.2f}"
-        bar.write(f"[train] {msg}") if bar is not None else _log(msg)
+        for msg in [f"step {at}: val/loss {loss:.4f}  val/ppl {ppl:.2f}", *(f"warning: {w}" for w in warnings)]:
+            bar.write(f"[train] {msg}") if bar is not None else _log(msg)
         return loss, ppl
 
     engine.train()
@@ -695,7 +700,7 @@ def run_training(
         launcher=launcher, backend=engine.backend, zero_stage=engine.zero_stage,
         ds_config_resolved=str(resolved_path), model_dir=str(model_dir), n_params=n_params,
         tokens_per_s=(tps_sum / tps_n) if tps_n else None, mfu=last_mfu,
-        resumed_from=str(resume_path) if resume_path else None, history=history)
+        resumed_from=str(resume_path) if resume_path else None, history=history, regime=regime.summary())
 
 
 def config_dict(cfg: TrainConfig) -> dict:

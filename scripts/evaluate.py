@@ -144,7 +144,8 @@ def main(cfg: EvalConfig) -> dict | None:
         "val_tokens": len(val), "val_seq_len": seq_len,
     }
     atomic_write_json(out_dir / "results.json", {"outputs": outputs, "models": results})
-    inputs = {"data": data_dir, **{e.stage: e.stage_dir for e in entries}}
+    inputs = {"data": data_dir, **{e.stage if e.stage != "controls" else f"controls/{e.name}": e.stage_dir
+                                   for e in entries}}
     return write_manifest(out_dir, "eval", to_dict(cfg), outputs, metrics=results, inputs=inputs,
                           seed=cfg.seed, wall_time_s=time.time() - t_start)
 

@@ -18,10 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import dist  # noqa: E402
+from pipeline.budget import training_budget  # noqa: E402
 from pipeline.checkpoint import CheckpointError  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.config import config_hash, to_dict  # noqa: E402
-from pipeline.engine import FP16HealthError  # noqa: E402
+from pipeline.engine import FP16HealthError, device_type  # noqa: E402
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
 from pipeline.train import RUN_CONTROL, TrainConfig, TrainData, TrainingHalted, run_training  # noqa: E402
@@ -51,10 +52,12 @@ def main(cfg: TrainConfig) -> dict | None:
     else:
         model = build_model(cfg.model, int(d["vocab_size"]), data.seq_len, d.get("bos_id"), d.get("eos_id"),
                             d.get("pad_id"), seed=cfg.seed)
+    t_train = time.time()
     try:
         r = run_training(cfg, model, stage="pretrain", out_dir=out, tb_dir=cfg.tb_root() / "pretrain", data=data)
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
+    t_train = time.time() - t_train
     outputs = {
         "model_dir": "model",
         "tokenizer_dir": "model",
@@ -84,12 +87,20 @@ def main(cfg: TrainConfig) -> dict | None:
         "final_train_loss": r.history["loss"][-1] if r.history["loss"] else None,
         "tokens_per_s": r.tokens_per_s,
         "mfu": r.mfu,
+        # what the model cost (pipeline.budget) and the data regime it trained in (pipeline.regime)
+        "budget": training_budget(r.steps, r.tokens_seen, t_train, r.world_size, device_type()),
+        "regime": r.regime,
     }
     manifest = write_manifest(out, "pretrain", to_dict(cfg), outputs, metrics, inputs={"data": data.data_dir},
                               seed=cfg.seed, wall_time_s=time.time() - t0)
     if dist.is_rank0():
         print(f"pretrain: val/loss {r.val_loss:.4f} (ppl {r.val_ppl:.2f}) after {r.steps} steps, "
               f"{r.skipped_steps} skipped, precision {r.precision}, world size {r.world_size} -> {out / 'model'}")
+        g = r.regime
+        if g:
+            print(f"pretrain: data regime {g['tokens_per_param']:.3g} tokens per parameter (compute-optimal ~20), "
+                  f"{g['epochs']:.3g} epochs over the training split"
+                  + "".join(f"\nwarning: {w}" for w in g["warnings"]))
     return manifest
 
 

@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 import torch
 
 from pipeline import dist
+from pipeline.budget import budget_of, training_budget
 from pipeline.cli import run_stage
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.evaluate import validation_loss
@@ -146,6 +147,9 @@ def main(cfg: PruneConfig) -> dict | None:
         "params_after": params_after,
         "nonzero_params": nonzero,
         "eval_tokens": (len(val) - 1) // seq_len * seq_len,
+        # pruning trains nothing: the pruned model carries the dense model's training budget (pipeline.budget)
+        "budget": training_budget(0, 0, 0.0, 1, cfg.resolved_device(), parent=budget_of(pretrain),
+                                  parent_name="pretrain"),
     }
     if not dist.is_rank0():
         return None
