@@ -578,10 +578,13 @@ def scalars(name: str, row: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars ``eval/<name>/<metric>`` (per-shape ones as ``.../<metric>/b<B>_t<T>``)
     of one model's result row."""
     out = {}
+    # the two sparsities under names that cannot be confused: zeros among the prunable linear weights, and
+    # zeros among all parameters (embeddings and norms included)
+    tag = {"sparsity": "sparsity_all_params", "linear_sparsity": "sparsity_linear_weights"}
     for k in ("val_loss", "val_ppl", "params", "nonzero", "sparsity", "linear_sparsity", "size_bytes",
               "sparse_size_bytes", "gen_tokens_per_s", "gen_speedup", "rel_ppl"):
         if row.get(k) is not None:
-            out[f"eval/{name}/{k}"] = float(row[k])
+            out[f"eval/{name}/{tag.get(k, k)}"] = float(row[k])
     for key, lat in row["latency"].items():
         for k in ("latency_ms", "tokens_per_s", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:

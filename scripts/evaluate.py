@@ -97,7 +97,7 @@ def main(cfg: EvalConfig) -> dict | None:
 
     # 1. inputs, found only through manifests; every check before anything is written
     run_dir = cfg.run_dir()
-    data = require_stage(run_dir, "data")
+    data = require_stage(run_dir, "data", cfg.run, cfg.preset)
     data_dir = Path(data["_dir"])
     entries = find_models(run_dir, cfg.models)
     from transformers import AutoModelForCausalLM, AutoTokenizer
