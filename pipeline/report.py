@@ -404,8 +404,8 @@ def agreement_lines(mans: dict[str, dict], models: dict[str, dict]) -> list[str]
         if m.get(key) is None or name not in models:
             continue
         prec = "fp32" if stage == "prune" else (precs.get(stage) or "?")
-        rows.append([f"{STAGE_DIRS[stage]}", what, prec, _f(m[key]), _f(models[name]["val_ppl"]),
-                     f"{100 * (m[key] / models[name]['val_ppl'] - 1):+.2f}%"])
+        rows.append([f"{STAGE_DIRS[stage]}", what, prec, _f(m[key], 3), _f(models[name]["val_ppl"], 3),
+                     f"{100 * (m[key] / models[name]['val_ppl'] - 1):+.3f}%"])
     if not rows:
         return []
     return ["The stages measure perplexity too, each on the same validation tokens; the training stages do it in "
