@@ -184,3 +184,22 @@ def test_missing_compiler_is_named_before_deepspeed_builds(tmp_path, monkeypatch
                        text=True, timeout=60, env={"PATH": str(tmp_path), "CXX": "no-such-c++"}, cwd=tmp_path,
                        executable="/bin/bash")
     assert p.returncode == 1 and "no C++ compiler found" in p.stderr and not (tmp_path / "venv").exists()
+
+
+# -- noise a user reads as trouble ------------------------------------------------------------
+
+
+def test_deepspeed_launcher_is_quiet_on_cpu_and_the_deprecation_is_filtered(tmp_path):
+    import warnings
+
+    from pipeline import dist
+
+    cmd = _make_n(tmp_path, "pretrain", "RUN=x", "LAUNCHER=deepspeed", "NGPU=2", "FORCE=1", "DS_ACCELERATOR=cpu")
+    assert "deepspeed.launcher.runner" in cmd and "--log_level error" in cmd  # no hostfile / CUDA_VISIBLE_DEVICES info
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist.quiet_known_warnings()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                      "`torch.distributed.all_gather_single` instead.", FutureWarning, stacklevel=1)
+        warnings.warn("something else", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
