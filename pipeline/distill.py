@@ -643,11 +643,12 @@ def distill(cfg: DistillConfig) -> dict | None:
             log.log(0, {"kd/teacher_val_loss": t_loss, "kd/teacher_val_ppl": t_ppl, "val/loss": s_loss,
                         "val/ppl": s_ppl})
         if dist.is_rank0():
+            prec = str(engine.dtype).replace("torch.", "")
             pruned_fp32 = prune_m.get("metrics", {}).get("val_ppl")
-            same = (f"; stage 03 measured {pruned_fp32:.2f} in fp32, the difference is the precision"
-                    if pruned_fp32 is not None else "")
+            same = (f"; stage 03 measured {pruned_fp32:.2f} in float32: a difference is the {prec} evaluation"
+                    if pruned_fp32 is not None and prec != "float32" else "")
             print(f"[distill] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f} (in "
-                  f"{engine.dtype} through the engine{same})", flush=True)
+                  f"{prec}, as training evaluates{same})", flush=True)
 
     def after_step(engine: Any) -> None:  # every rank
         if state["keeper"] is not None:
