@@ -447,7 +447,8 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
         lines += [f"> **Small validation split**: {out['val_warning']}.", ""]
     for stage, why in out.get("missing", {}).items():
         lines += [f"> **No {stage} stage in this run** ({why}): its row is absent and the rest of the report "
-                  f"is built without it. Run `make {stage} RUN={run}` then `make eval report` to add it.", ""]
+                  f"is built without it. Run `make report RUN={run} PRESET={ev['config'].get('preset')}` to add it "
+                  f"(it makes the missing stage, then re-evaluates).", ""]
     lines += ["## Summary", "", *summary_lines(models), "",
               "## Models", "", *model_table(models, ref), "",
               f"Δ: relative change against the dense model. Speed-up: dense latency / model latency at batch × seq len "
