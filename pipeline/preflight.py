@@ -15,8 +15,9 @@ from pathlib import Path
 
 from pipeline.manifest import StageError
 
-#: the op DeepSpeed builds at start-up, per accelerator
-JIT_OPS = {"cpu": "deepspeed_shm_comm", "cuda": "fused_adam"}
+#: the op DeepSpeed always builds at start-up, per accelerator (on CUDA, whether an op is built depends on the
+#: config, e.g. FusedAdam, so no start-up refusal is made there; GPU images ship a compiler as a rule)
+JIT_OPS = {"cpu": "deepspeed_shm_comm"}
 
 
 class BuildToolsError(StageError):
