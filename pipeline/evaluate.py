@@ -71,7 +71,8 @@ class EvalConfig(CommonConfig):
                           "(ignored on CPU, where that kernel does not exist).", True)
     cuda_graphs: bool = doc("On CUDA, also time forward passes captured in a CUDA graph.", True)
     threads: int = doc("CPU threads of the speed measurements (0: on CPU, time the dense model at 1 thread and at all "
-                       "cores and keep the steadier count, see pipeline.timing.choose_threads; on CUDA torch's default).",
+                       "cores and keep 1 unless all cores are faster and as steady, see pipeline.timing.choose_threads; on CUDA "
+                       "torch's default).",
                        0)
     max_spread: float = doc("CPU timings: a figure whose repeats span more than this fraction of their median "
                             "((max - min) / median), or whose per-round ratio to dense does, is flagged untrustworthy.",

@@ -421,9 +421,10 @@ def timing_protocol_lines(out: dict[str, Any]) -> list[str]:
     if not tp.get("interleaved"):
         return []
     choice = tp.get("thread_choice")
-    threads = (f"{out.get('threads')} thread(s), the steadier of "
-               + " and ".join(f"{n} (relative spread {c['rel_spread']:.2f})" for n, c in choice["candidates"].items())
-               + " on the dense model" if choice else f"{out.get('threads')} thread(s), as configured")
+    threads = (f"{out.get('threads')} thread(s), chosen on the dense model from "
+               + " and ".join(f"{n} (median {c['median_ms']:.1f} ms, relative spread {c['rel_spread']:.2f})"
+                              for n, c in choice["candidates"].items())
+               + f" ({choice.get('rule', '')})" if choice else f"{out.get('threads')} thread(s), as configured")
     return [f"CPU timing protocol: the models' repeats ran interleaved, round-robin (a busy spell hits every model "
             f"alike), at {threads}; a figure is flagged ⚠ when its repeats, or its per-round ratio to dense, span "
             f"more than {tp.get('max_spread', 0.5):.0%} of the median.", ""]

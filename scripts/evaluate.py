@@ -55,8 +55,8 @@ from pipeline.tokens import load_tokens
 
 def time_on_cpu(models: dict[str, torch.nn.Module], results: dict[str, dict], tokenizer, vocab: int,
                 cfg: EvalConfig) -> dict | None:
-    """The CPU timing protocol (``pipeline.timing``): the thread count (``cfg.threads``, or the steadier of 1
-    and all cores on the dense model at the reference shape), then every shape's forward and the generation,
+    """The CPU timing protocol (``pipeline.timing``): the thread count (``cfg.threads``, or the choice between 1
+    and all cores on the dense model at the reference shape, ``pipeline.timing.choose_threads``), then every shape's forward and the generation,
     the models' repeats interleaved; fills ``results[name]["latency"]`` and the ``gen_*`` figures.  Returns
     the thread choice's measurements (``None`` when ``cfg.threads`` fixed the count)."""
     choice = None
@@ -68,8 +68,9 @@ def time_on_cpu(models: dict[str, torch.nn.Module], results: dict[str, dict], to
         dense = models["dense"]
         with torch.inference_mode():
             choice = choose_threads(lambda: dense(input_ids=ids, use_cache=False), cfg.warmup, cfg.repeats)
-        print(f"eval: timing at {choice['threads']} CPU thread(s) (relative spread per count: "
-              + ", ".join(f"{n}: {c['rel_spread']:.2f}" for n, c in choice["candidates"].items()) + ")", flush=True)
+        print(f"eval: timing at {choice['threads']} CPU thread(s) (median ms / relative spread per count: "
+              + ", ".join(f"{n}: {c['median_ms']:.1f} / {c['rel_spread']:.2f}" for n, c in choice["candidates"].items())
+              + ")", flush=True)
     lat = interleaved_forward_latency(models, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
                                       max_spread=cfg.max_spread, seed=cfg.seed)
     gen = interleaved_generation(models, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats,
