@@ -3,6 +3,8 @@
 #   make test                     the test suite
 #   make controls RUN=x           the compression controls (dense+, finetune, scratch; part of make all)
 #   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
+#   make prune FORCE=1 PRUNE_ARGS="--sparsity 0.7"   re-run the named stage(s) alone, --overwrite, changed settings
+#   make clean-run RUN=x          delete results/x;  make lint: ruff;  make tensorboard TB_PORT=6007
 # Variables (override on the command line):
 RUN          ?= default
 PRESET       ?= cpu
@@ -28,6 +30,8 @@ REPORT_ARGS  ?=
 BENCH_ARGS   ?= --gpus 1,2,4 --parallel
 TB_PORT      ?= 6006
 PYTEST_ARGS  ?=
+# FORCE=1 re-runs the stages named on the command line (and only those) with --overwrite, e.g. `make prune FORCE=1`
+FORCE        ?=
 VENV         ?= .venv
 # PY=python3 uses an interpreter that already has the packages (e.g. a GPU image) and skips the set-up.
 PY           ?= $(VENV)/bin/python
@@ -39,6 +43,10 @@ export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cp
 # NVLink multicast stays off on shared multi-GPU hosts.
 export NCCL_NVLS_ENABLE ?= 0
 export PYTHONUNBUFFERED := 1
+# DeepSpeed's JIT-built ops (deepspeed_shm_comm on CPU, FusedAdam on CUDA) are cached with this venv, not in ~/.cache
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# the DeepSpeed launcher's info lines (and, on one node, its missing-hostfile warning) are noise here; errors stay
+DS_LAUNCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--log_level error,--log_level warning)
 
 # rendezvous port for multi-process launches; a free one by default (29500 may be taken on a shared machine)
 MASTER_PORT  ?= $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 29500)
@@ -46,7 +54,7 @@ MASTER_PORT  ?= $(shell python3 -c 'import socket; s = socket.socket(); s.bind((
 ifeq ($(LAUNCHER),python)
   LAUNCH := $(PY)
 else ifeq ($(LAUNCHER),deepspeed)
-  LAUNCH = $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --master_port $(MASTER_PORT) --no_local_rank
+  LAUNCH = $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --master_port $(MASTER_PORT) --no_local_rank $(DS_LAUNCH_ARGS)
 else ifeq ($(LAUNCHER),accelerate)
   LAUNCH = $(PY) -m accelerate.commands.accelerate_cli launch --config_file $(ACCEL_CONFIG) --num_processes $(NGPU) --main_process_port $(MASTER_PORT)
 else
@@ -59,13 +67,25 @@ endif
 
 COMMON := --run $(RUN) --preset $(PRESET)
 
+# FORCE=1: each stage named in the goals is out of date whatever the files say, and gets --overwrite; its
+# prerequisites are left alone (unlike `make -B`, which rebuilds them all)
+STAGE_FILES := data=$(R)/01_data/manifest.json pretrain=$(R)/02_pretrain/manifest.json \
+  prune=$(R)/03_prune/manifest.json distill=$(R)/04_distill/manifest.json eval=$(R)/05_eval/manifest.json \
+  report=$(R)/report.md
+FORCED := $(if $(FORCE),$(filter $(MAKECMDGOALS),data pretrain prune distill eval report),)
+ifneq ($(FORCED),)
+$(foreach s,$(FORCED),$(patsubst $(s)=%,%,$(filter $(s)=%,$(STAGE_FILES)))): .FORCE
+.PHONY: .FORCE
+endif
+OVERWRITE = $(if $(filter $(1),$(FORCED)),--overwrite,)
+
 .PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help controls
 .DELETE_ON_ERROR:
 
 all: report
 
 help:
-	@sed -n '1,20p' Makefile
+	@sed -n '1,33p' Makefile
 
 setup: $(SETUP)
 
@@ -80,22 +100,22 @@ eval: $(R)/05_eval/manifest.json
 report: $(R)/report.md
 
 $(R)/01_data/manifest.json: $(SETUP)
-	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS)
+	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS) $(call OVERWRITE,data)
 
 $(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
-	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
+	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS) $(call OVERWRITE,pretrain)
 
 $(R)/03_prune/manifest.json: $(R)/02_pretrain/manifest.json
-	$(PY) scripts/prune.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS)
+	$(PY) scripts/prune.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS) $(call OVERWRITE,prune)
 
 $(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
-	$(LAUNCH) scripts/distill.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS)
+	$(LAUNCH) scripts/distill.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS) $(call OVERWRITE,distill)
 
 $(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
-	$(PY) scripts/evaluate.py $(COMMON) $(EVAL_ARGS)
+	$(PY) scripts/evaluate.py $(COMMON) $(EVAL_ARGS) $(call OVERWRITE,eval)
 
 $(R)/report.md: $(R)/05_eval/manifest.json
-	$(PY) scripts/report.py $(COMMON) $(REPORT_ARGS)
+	$(PY) scripts/report.py $(COMMON) $(REPORT_ARGS) $(call OVERWRITE,report)
 
 # Compression controls: one manifest per control, so only stale ones re-run; stage 05 evaluates them too.
 CONTROL_MANIFESTS := $(foreach c,$(CONTROLS),$(R)/06_controls/$(c)/manifest.json)

@@ -19,9 +19,11 @@ def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[
     process group (if one was made) is ended with :func:`pipeline.dist.shutdown` before the interpreter exits.
     """
     try:
+        dist.adopt_slurm()  # every rank: under srun, the tasks join one job (or the stage refuses)
+        dist.quiet_known_warnings()
         cfg = parse_cli(cfg_cls, argv, stage)
         main(cfg)
-    except (ConfigError, StageError, ValueError) as e:
+    except (ConfigError, StageError, ValueError, dist.SlurmError) as e:
         if dist.is_rank0():
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

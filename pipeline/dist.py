@@ -1,12 +1,18 @@
 """Rank and launcher information, read from the environment (never from ``--local_rank``).
 
 ``deepspeed``, ``torchrun`` and ``accelerate launch`` all export ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; plain ``python`` exports none, which means one process of rank 0.
+``LOCAL_RANK``; plain ``python`` exports none, which means one process of rank 0.  Under Slurm's ``srun``
+(one task per GPU) each task sees only ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``:
+:func:`adopt_slurm` turns those into the same variables, so the tasks join one job instead of running N
+independent copies into one run folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import warnings
 
 
 def rank() -> int:
@@ -85,3 +91,87 @@ def shutdown() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()  # every rank
         tdist.destroy_process_group()  # every rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm (srun, one task per rank)
+
+
+class SlurmError(RuntimeError):
+    """Several Slurm tasks that cannot form one job (no rendezvous address)."""
+
+
+def first_slurm_host(nodelist: str) -> str | None:
+    """The first host name of a Slurm node list (``node[01-03,07],gpu5`` -> ``node01``), or ``None``.
+
+    ``scontrol show hostnames`` expands the list where Slurm's tools are installed; otherwise the first entry
+    is expanded here (one bracket group, ranges keep their zero padding)."""
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\]([^,]*))?", nodelist.strip())
+    if not m:
+        return None
+    prefix, group, suffix = m.group(1), m.group(2), m.group(3) or ""
+    if group is None:
+        return prefix
+    return prefix + group.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_rank_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The rank variables of a task that ``srun`` started as one of several, or ``None`` when none are needed.
+
+    ``None`` when a launcher already set ``RANK`` (e.g. ``srun`` starting one ``torchrun``/``deepspeed`` per
+    node), outside Slurm, for a one-task step, and in the batch script itself (no ``SLURM_STEP_ID``: that is
+    one process, whatever ``--ntasks`` the allocation has).  Otherwise: ``RANK`` = ``SLURM_PROCID``,
+    ``WORLD_SIZE`` = ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``), ``LOCAL_RANK`` = ``SLURM_LOCALID``,
+    ``MASTER_ADDR`` from the environment or the first host of the step's node list, ``MASTER_PORT`` from the
+    environment or ``10000 + SLURM_JOB_ID % 20000`` (the same on every task, different between jobs).
+
+    Raises:
+        SlurmError: several tasks but no ``MASTER_ADDR`` and no node list to take it from.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return None
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or 1)
+    if ntasks <= 1 or not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+    if not addr:
+        raise SlurmError(
+            f"srun started {ntasks} tasks (SLURM_NTASKS={ntasks}) but no rendezvous can be formed: no MASTER_ADDR and "
+            f"no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST to take the first host from; export MASTER_ADDR=<first node's "
+            f"host name> (and MASTER_PORT=<a free port>) before srun, or run one task (srun --ntasks=1) per launcher")
+    port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or 0) % 20000)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
+def adopt_slurm() -> bool:
+    """Under ``srun`` with several tasks, set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
+    ``MASTER_PORT`` from Slurm's variables (:func:`slurm_rank_env`) and record the launcher as ``slurm``;
+    returns whether it did.  Every task must call it before anything reads its rank.
+
+    Raises:
+        SlurmError: see :func:`slurm_rank_env`.
+    """
+    found = slurm_rank_env()
+    if found is None:
+        return False
+    os.environ.update(found)
+    record_launcher("slurm")
+    return True
+
+
+def quiet_known_warnings() -> None:
+    """Silence warnings a user cannot act on, printed once per rank: torch 2.13's FutureWarning for
+    ``torch.distributed.all_gather_into_tensor``, which DeepSpeed 0.19.8 still calls (its own code, not ours)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)

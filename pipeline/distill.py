@@ -571,9 +571,9 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
 
     t0 = time.time()
     run_dir = cfg.run_dir()
-    data_m = require_stage(run_dir, "data", cfg.run)
-    pre_m = require_stage(run_dir, "pretrain", cfg.run)
-    prune_m = require_stage(run_dir, "prune", cfg.run)
+    data_m = require_stage(run_dir, "data", cfg.run, cfg.preset)
+    pre_m = require_stage(run_dir, "pretrain", cfg.run, cfg.preset)
+    prune_m = require_stage(run_dir, "prune", cfg.run, cfg.preset)
     out_dir = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
     teacher_dir = Path(pre_m["_dir"]) / pre_m["outputs"]["model_dir"]
     student_dir = Path(prune_m["_dir"]) / prune_m["outputs"]["model_dir"]
@@ -657,7 +657,12 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
             log.log(0, {"kd/teacher_val_loss": t_loss, "kd/teacher_val_ppl": t_ppl, "val/loss": s_loss,
                         "val/ppl": s_ppl})
         if dist.is_rank0():
-            print(f"[{stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f}", flush=True)
+            prec = str(engine.dtype).replace("torch.", "")
+            pruned_fp32 = prune_m.get("metrics", {}).get("val_ppl")
+            same = (f"; stage 03 measured {pruned_fp32:.2f} in float32: a difference is the {prec} evaluation"
+                    if pruned_fp32 is not None and prec != "float32" else "")
+            print(f"[{stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f} (in "
+                  f"{prec}, as training evaluates{same})", flush=True)
 
     def after_step(engine: Any) -> None:  # every rank
         if state["keeper"] is not None:

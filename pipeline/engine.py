@@ -66,6 +66,9 @@ def init_distributed() -> str:
                           LOCAL_RANK="0")
     import deepspeed
 
+    from pipeline.preflight import check_build_tools
+
+    check_build_tools(device_type())  # before DeepSpeed would start building its op without a compiler
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
     return launcher
 

@@ -62,7 +62,8 @@ class EvalConfig(CommonConfig):
     warmup: int = doc("Untimed calls before each measurement (allocator, kernels selection, caches).", 2)
     gen_tokens: int = doc("New tokens per greedy generation (model.generate, KV cache on).", 32)
     gen_repeats: int = doc("Timed generations per model; the median is reported.", 3)
-    prompt: str = doc("Prompt of the generated sample and of the generation-speed measurement.", DEFAULT_PROMPT)
+    prompt: str = doc("Prompt of the generated sample and of the generation-speed measurement ('': the first "
+                      "words of the run's first validation document, see pipeline.data.validation_prompt).", "")
     val_batch_size: int = doc("Sequences per forward pass of the validation-loss measurement.", 8)
     max_val_tokens: int = doc("Validation tokens used for the loss (0: all of them).", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("Where to measure: auto is cuda when available, else cpu.", "auto")
@@ -72,7 +73,13 @@ class EvalConfig(CommonConfig):
     sparse_24: bool = doc("On CUDA, also time 2:4 models with torch.sparse.to_sparse_semi_structured weights "
                           "(ignored on CPU, where that kernel does not exist).", True)
     cuda_graphs: bool = doc("On CUDA, also time forward passes captured in a CUDA graph.", True)
-    threads: int = doc("CPU threads for torch (0: torch's default).", 0)
+    threads: int = doc("CPU threads of the speed measurements (0: on CPU, time the dense model at 1 thread and at all "
+                       "cores and keep 1 unless all cores are faster and as steady, see pipeline.timing.choose_threads; on CUDA "
+                       "torch's default).",
+                       0)
+    max_spread: float = doc("CPU timings: a figure whose repeats span more than this fraction of their median "
+                            "((max - min) / median), or whose per-round ratio to dense does, is flagged untrustworthy.",
+                            0.5)
     decode: bool = doc("Also time greedy decoding as a server runs it (pipeline/decode.py: static KV cache, "
                        "decode step replayed from a CUDA graph on CUDA, eager on CPU), every model interleaved.",
                        True)
@@ -101,11 +108,13 @@ class EvalConfig(CommonConfig):
         for name in ("repeats", "gen_tokens", "gen_repeats", "val_batch_size", "decode_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.max_spread > 0:
+            problems.append(f"max_spread: must be positive, got {self.max_spread}")
         for name in ("warmup", "max_val_tokens", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if not self.prompt.strip():
-            problems.append("prompt: must not be empty")
+        if self.prompt and not self.prompt.strip():
+            problems.append("prompt: must not be blank (leave it empty for the start of the validation text)")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("device: cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
         if self.dtype == "fp16" and self.resolved_device() == "cpu":
@@ -796,10 +805,13 @@ def scalars(name: str, row: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars ``eval/<name>/<metric>`` (per-shape ones as ``.../<metric>/b<B>_t<T>``)
     of one model's result row."""
     out = {}
+    # the two sparsities under names that cannot be confused: zeros among the prunable linear weights, and
+    # zeros among all parameters (embeddings and norms included)
+    tag = {"sparsity": "sparsity_all_params", "linear_sparsity": "sparsity_linear_weights"}
     for k in ("val_loss", "val_ppl", "params", "nonzero", "sparsity", "linear_sparsity", "size_bytes",
               "sparse_size_bytes", "gen_tokens_per_s", "gen_speedup", "rel_ppl"):
         if row.get(k) is not None:
-            out[f"eval/{name}/{k}"] = float(row[k])
+            out[f"eval/{name}/{tag.get(k, k)}"] = float(row[k])
     for key, lat in row["latency"].items():
         for k in ("latency_ms", "tokens_per_s", "speedup", "latency_graph_ms", "speedup_graph"):
             if k in lat:

@@ -182,8 +182,11 @@ def _run_preset(run_dir: str | Path) -> str | None:
     return None
 
 
-def require_stage(run_dir: str | Path, stage: str, run: str | None = None) -> dict:
+def require_stage(run_dir: str | Path, stage: str, run: str | None = None, preset: str | None = None) -> dict:
     """Return the manifest of an upstream stage, or raise :class:`StageError` naming the make target.
+
+    The target carries the preset the run was made with (from its manifests), else ``preset`` (the one this
+    command was given), else asks for ``PRESET=...``, so following the hint never trains another preset.
 
     Raises:
         StageError: when ``<run_dir>/<NN_stage>/manifest.json`` is missing (the stage never ran, or
@@ -191,8 +194,13 @@ def require_stage(run_dir: str | Path, stage: str, run: str | None = None) -> di
     """
     d = stage_dir(run_dir, stage)
     run = run or Path(run_dir).name
-    preset = _run_preset(run_dir)
-    target = f"make {stage} RUN={run}" + (f" PRESET={preset}" if preset and preset != "cpu" else "")
+    made_with = _run_preset(run_dir)
+    if made_with:
+        target = f"make {stage} RUN={run}" + (f" PRESET={made_with}" if made_with != "cpu" else "")
+    elif preset:
+        target = f"make {stage} RUN={run} PRESET={preset}"
+    else:
+        target = f"make {stage} RUN={run} PRESET=<the preset you use; cpu when omitted>"
     fix = f"run `{target}` first (or pass the right --run/--results_dir)"
     m = d / MANIFEST
     if not d.exists():

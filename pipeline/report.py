@@ -87,24 +87,54 @@ def _pyplot():
     return plt
 
 
+#: the loss panels: (stage, title, left-axis keys, right-axis keys on a log scale); the training loss
+#: of distillation is ``kd/loss`` (logged again as ``train/loss``), so only the cross-entropy panel compares
+#: training with validation, and the KD objective and its KL term get their own panel and axes
+LOSS_PANELS = (
+    ("pretrain", "pretrain: cross-entropy (nats/token)", ("train/loss", "val/loss"), ()),
+    ("distill", "distill: cross-entropy on labels (nats/token)", ("kd/ce", "val/loss"), ()),
+    ("distill", "distill: KD objective (left) and KL term (right, log)", ("kd/loss",), ("kd/kl",)),
+)
+
+
+def loss_panels(metrics: dict[str, list[dict]]) -> list[tuple[str, str, tuple, tuple]]:
+    """The :data:`LOSS_PANELS` that have data, each with only the keys that were logged; a distillation
+    ``train/loss`` is never drawn (it is ``kd/loss`` again, and would hide it)."""
+    out = []
+    for stage, title, left, right in LOSS_PANELS:
+        rows = metrics.get(stage, [])
+        left = tuple(k for k in left if series(rows, k)[0])
+        right = tuple(k for k in right if series(rows, k)[0])
+        if left or right:
+            out.append((stage, title, left, right))
+    return out
+
+
 def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path | None:
-    """Pretraining (``train/loss``, ``val/loss``) and distillation (``kd/*``, ``train/loss``, ``val/loss``)
-    curves over optimizer steps, one panel per stage; ``None`` (no file) when neither logged a loss."""
-    panels = [(s, k) for s, k in (("pretrain", ("train/loss", "val/loss")),
-                                   ("distill", ("kd/loss", "kd/kl", "kd/ce", "train/loss", "val/loss")))
-              if any(series(metrics.get(s, []), key)[0] for key in k)]
+    """Pretraining (``train/loss``, ``val/loss``) and distillation curves over optimizer steps, one panel per
+    quantity (:func:`loss_panels`): distillation's ``kd/ce`` against ``val/loss`` (both cross-entropy on
+    labels), and ``kd/loss`` with ``kd/kl`` on its own log axis; ``None`` (no file) when nothing was logged."""
+    panels = loss_panels(metrics)
     if not panels:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (stage, keys) in zip(axes[0], panels):
-        for key in keys:
+    for ax, (stage, title, left, right) in zip(axes[0], panels):
+        handles = []
+        for key in left:
             x, y = series(metrics[stage], key)
-            if x:
-                ax.plot(x, y, marker="o" if key.startswith("val/") else None, label=key)
-        ax.set(title=f"{stage}: loss (nats/token)", xlabel="step", ylabel="loss")
+            handles += ax.plot(x, y, marker="o" if key.startswith("val/") else None, label=key)
+        ax.set(title=title, xlabel="step", ylabel=" / ".join(left) or "loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if right:
+            ax2 = ax.twinx()
+            for key in right:
+                x, y = series(metrics[stage], key)
+                handles += ax2.plot(x, y, color="tab:red", linestyle="--", label=key)
+            if all(v > 0 for key in right for v in series(metrics[stage], key)[1]):
+                ax2.set_yscale("log")
+            ax2.set_ylabel(" / ".join(right))
+        ax.legend(handles=handles, labels=[h.get_label() for h in handles])
     return _save(plt, fig, path)
 
 
@@ -136,16 +166,25 @@ def plot_loss_scale(metrics: dict[str, list[dict]], path: Path, precisions: dict
     return _save(plt, fig, path)
 
 
+def quality_axes(models: dict[str, dict]) -> list[tuple[str, str, float]]:
+    """The x axes of :func:`plot_quality_vs_size` as ``(result key, label, scale)``: sparsity of the linear
+    weights and non-zero parameters; when no model has a zero weight (width-pruned runs: the model is smaller,
+    not sparse) the sparsity axis would put every point at 0, so it becomes the size on disk (MB)."""
+    first = (("linear_sparsity", "sparsity of linear weights", 1.0)
+             if any(r.get("linear_sparsity", 0) > 0 for r in models.values())
+             else ("size_bytes", "size on disk (MB, safetensors)", 1e-6))
+    return [first, ("nonzero", "non-zero parameters", 1.0)]
+
+
 def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
-    """Validation perplexity against sparsity of the prunable linear weights and against non-zero
-    parameters, one labelled point per model."""
+    """Validation perplexity against sparsity of the prunable linear weights (or size on disk, see
+    :func:`quality_axes`) and against non-zero parameters, one labelled point per model."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "linear_sparsity", "sparsity of linear weights"),
-                           (axes[1], "nonzero", "non-zero parameters")):
+    for ax, (key, label, scale) in zip(axes, quality_axes(models)):
         for name, row in models.items():
-            ax.scatter(row[key], row["val_ppl"], s=40)
-            ax.annotate(name, (row[key], row["val_ppl"]), textcoords="offset points", xytext=(5, 5))
+            ax.scatter(row[key] * scale, row["val_ppl"], s=40)
+            ax.annotate(name, (row[key] * scale, row["val_ppl"]), textcoords="offset points", xytext=(5, 5))
         ax.set(xlabel=label, ylabel="validation perplexity", title=f"perplexity vs {label}")
         ax.grid(alpha=0.3)
     return _save(plt, fig, path)
@@ -197,11 +236,13 @@ def model_table(models: dict[str, dict], ref: str) -> list[str]:
             _f(r["val_ppl"]), _pct(r.get("rel_ppl")), _int(r["params"]), _int(r["nonzero"]), _pct(r.get("rel_nonzero")),
             f"{100 * r['linear_sparsity']:.1f}% / {100 * r['sparsity']:.1f}%",
             _f(r["size_bytes"] / 1e6), _f(r["sparse_size_bytes"] / 1e6),
-            _f(lat.get("latency_ms")), _f(lat.get("speedup")) + "×", _f(r["gen_tokens_per_s"], 1),
+            _f(lat.get("latency_ms")) + ("" if graphed else flag_mark(lat.get("flags"))),
+            _f(lat.get("speedup")) + "×" + ("" if graphed else flag_mark(lat.get("flags"))),
+            _f(r["gen_tokens_per_s"], 1) + flag_mark(r.get("gen_flags")),
             *decode_cells(r, dkeys),
         ])
     return _table(["model", "stage", "val ppl", "Δ ppl vs dense", "params", "non-zero", "Δ non-zero",
-                   "sparsity linear / all", "size MB (safetensors)", "size MB (bitmask+values)",
+                   "sparsity linear weights / all parameters", "size MB (safetensors)", "size MB (bitmask+values)",
                    f"latency ms ({ref}{', CUDA graph' if graphed else ''})", "speed-up",
                    "generate tok/s (HF eager, b1)", *decode_header(models, dkeys)], rows)
 
@@ -264,8 +305,33 @@ def decode_table(models: dict[str, dict]) -> list[str]:
 
 
 def noisy(lat: dict[str, Any]) -> bool:
-    """True when a latency measurement's slowest repeat took over twice its fastest (a busy machine)."""
+    """True when a latency measurement is not trustworthy: flagged by stage 05's CPU timing protocol
+    (``flags``, :func:`pipeline.timing.timing_flags`), or, in runs made before it, when the slowest repeat took
+    over twice the fastest (a busy machine)."""
+    if "flags" in lat:
+        return bool(lat["flags"])
     return "latency_min_ms" in lat and lat["latency_max_ms"] > 2 * lat["latency_min_ms"]
+
+
+#: what each timing flag means, for the table's footnote
+FLAG_TEXT = {"spread": "its repeats span more than {max_spread:.0%} of their median",
+             "ratio": "its per-round ratio to dense (the speed-up) varies by more than {max_spread:.0%}"}
+
+
+def flag_mark(flags: list[str] | None) -> str:
+    """`` ⚠ spread, ratio`` after a figure that stage 05 flagged (empty when not flagged)."""
+    return f" ⚠ {', '.join(flags)}" if flags else ""
+
+
+def generation_table(models: dict[str, dict]) -> list[str]:
+    """Greedy generation tokens/s per model, median (slowest–fastest repeat), with the timing flags; empty
+    for runs made before stage 05 recorded the spread."""
+    if not all("gen_tokens_per_s_min" in r for r in models.values()):
+        return []
+    rows = [[name, f"{_f(r['gen_tokens_per_s'], 1)} ({_f(r['gen_tokens_per_s_min'], 1)}–"
+                   f"{_f(r['gen_tokens_per_s_max'], 1)})" + flag_mark(r.get("gen_flags")),
+             _f(r.get("gen_speedup")) + "×"] for name, r in models.items()]
+    return _table(["model", "generate tok/s median (min–max)", "vs dense"], rows)
 
 
 def latency_table(models: dict[str, dict]) -> list[str]:
@@ -277,7 +343,7 @@ def latency_table(models: dict[str, dict]) -> list[str]:
         for lat in r["latency"].values():
             spread = (f" ({_f(lat['latency_min_ms'], 3)}–{_f(lat['latency_max_ms'], 3)})"
                       if "latency_min_ms" in lat else "")
-            spread += " ⚠ noisy" if noisy(lat) else ""
+            spread += (flag_mark(lat["flags"]) if "flags" in lat else " ⚠ noisy") if noisy(lat) else ""
             row = [name, str(lat["batch"]), str(lat["seq_len"]), _f(lat["latency_ms"], 3) + spread,
                    _f(lat["tokens_per_s"], 0),
                    _f(lat.get("speedup")) + "×"]
@@ -644,9 +710,58 @@ def regime_section(manifests: dict[str, dict]) -> list[str]:
 
 
 def _precisions(manifests: dict[str, dict]) -> dict[str, Any]:
-    """Training precision per training stage: the one it ran with (metrics) or, failing that, asked for."""
-    return {s: manifests[s].get("metrics", {}).get("precision") or manifests[s].get("config", {}).get("precision")
+    """Training precision per training stage: the one it ran with (stage 04 records it under ``metrics``,
+    stage 02 under ``outputs``) or, failing both, the one asked for (``config``, e.g. ``auto``)."""
+    return {s: manifests[s].get("metrics", {}).get("precision") or manifests[s].get("outputs", {}).get("precision")
+            or manifests[s].get("config", {}).get("precision")
             for s in ("pretrain", "distill") if s in manifests}
+
+
+def rerun_eval_command(run: str, preset: Any) -> str:
+    """The command that re-measures stage 05 and rebuilds the report (``FORCE=1``: the named targets alone are
+    re-run, with ``--overwrite``; see the README's "Re-running one stage")."""
+    return f"make eval report RUN={run}" + (f" PRESET={preset}" if preset else "") + " FORCE=1"
+
+
+def agreement_lines(mans: dict[str, dict], models: dict[str, dict]) -> list[str]:
+    """Where the stages' own perplexities differ from the table's, and why: the training stages evaluate in
+    their training precision through the engine (bf16 on CPU), stages 03 and 05 in fp32, so the last digit can
+    differ; the table always uses stage 05."""
+    precs = _precisions(mans)
+    rows = []
+    for stage, name, what in (("pretrain", "dense", "end of pretraining"),
+                              ("prune", "pruned", "right after pruning"),
+                              ("distill", "pruned", "right after pruning, before distillation"),
+                              ("distill", "distilled", "end of distillation")):
+        m = mans.get(stage, {}).get("metrics", {})
+        key = "student_val_ppl_before" if what.startswith("right after pruning, before") else "val_ppl"
+        if m.get(key) is None or name not in models:
+            continue
+        prec = "fp32" if stage == "prune" else (precs.get(stage) or "?")
+        rows.append([f"{STAGE_DIRS[stage]}", what, prec, _f(m[key], 3), _f(models[name]["val_ppl"], 3),
+                     f"{100 * (m[key] / models[name]['val_ppl'] - 1):+.3f}%"])
+    if not rows:
+        return []
+    return ["The stages measure perplexity too, each on the same validation tokens; the training stages do it in "
+            "their training precision (through DeepSpeed), stages 03 and 05 in fp32. The table above uses "
+            "stage 05 (fp32) throughout; the small differences below are the precision, not different models.", "",
+            *_table(["stage", "figure", "precision", "stage's val ppl", "stage 05 val ppl (fp32)", "difference"],
+                    rows), ""]
+
+
+def timing_protocol_lines(out: dict[str, Any]) -> list[str]:
+    """One paragraph on how stage 05 timed on CPU (interleaving, thread choice); empty for runs before it."""
+    tp = out.get("timing_protocol") or {}
+    if not tp.get("interleaved"):
+        return []
+    choice = tp.get("thread_choice")
+    threads = (f"{out.get('threads')} thread(s), chosen on the dense model from "
+               + " and ".join(f"{n} (median {c['median_ms']:.1f} ms, relative spread {c['rel_spread']:.2f})"
+                              for n, c in choice["candidates"].items())
+               + f" ({choice.get('rule', '')})" if choice else f"{out.get('threads')} thread(s), as configured")
+    return [f"CPU timing protocol: the models' repeats ran interleaved, round-robin (a busy spell hits every model "
+            f"alike), at {threads}; a figure is flagged ⚠ when its repeats, or its per-round ratio to dense, span "
+            f"more than {tp.get('max_spread', 0.5):.0%} of the median.", ""]
 
 
 def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path | None]) -> str:
@@ -662,10 +777,13 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
              f"Evaluated {prov.get('time', '?')} on {hw_text}, weights in {out['dtype']}, "
              f"{out.get('threads', '?')} CPU threads; perplexity over {_int(out.get('val_tokens'))} validation tokens "
              f"in blocks of {out.get('val_seq_len')}. Every figure below comes from the stages' manifests and "
-             f"metric logs.", ""]
+             f"metric logs.", "", *timing_protocol_lines(out)]
+    if out.get("val_warning"):
+        lines += [f"> **Small validation split**: {out['val_warning']}.", ""]
     for stage, why in out.get("missing", {}).items():
         lines += [f"> **No {stage} stage in this run** ({why}): its row is absent and the rest of the report "
-                  f"is built without it. Run `make {stage} RUN={run}` then `make eval report` to add it.", ""]
+                  f"is built without it. Run `make report RUN={run} PRESET={ev['config'].get('preset')}` to add it "
+                  f"(it makes the missing stage, then re-evaluates).", ""]
     lines += [*controls_section(run_dir, mans, models, ref), *regime_section(mans),
               "## Summary", "", *summary_lines(models), "",
               "## Models", "", *model_table(models, ref), "",
@@ -675,12 +793,16 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
               f", measured in the same run (median of "
               f"{ev['config'].get('repeats')} after {ev['config'].get('warmup')} warm-up calls). Unstructured zeros "
               f"do not shrink dense safetensors; the bitmask + values column is the size a sparse format would take.",
-              *(["", f"**Timings are noisy**: at {ref} some model's slowest repeat took over twice its fastest "
-                 f"(a busy machine); compare speed-ups only from a run on an idle machine (`python scripts/evaluate.py "
-                 f"--run {run} --preset {ev['config'].get('preset')}` then `make report RUN={run}`)."]
-                if any(noisy(r["latency"].get(ref, {})) for r in models.values()) else []),
-              "", "### Decoding (static KV cache)", "", *decode_table(models), "",
-              "", "### Forward latency per shape", "", *latency_table(models), "",
+              *(["", f"**Timings are noisy**: at {ref} some model's figure is flagged ⚠ (a busy machine: "
+                 + "; ".join(f"`{k}`: {v.format(max_spread=ev['config'].get('max_spread') or 0.5)}"
+                             for k, v in FLAG_TEXT.items())
+                 + "; runs made before the flags: the slowest repeat over twice the fastest); compare those speed-ups "
+                 f"only from a run on an idle machine: `{rerun_eval_command(run, ev['config'].get('preset'))}`."]
+                if any(noisy(r["latency"].get(ref, {})) or r.get("gen_flags") for r in models.values()) else []),
+              "", *agreement_lines(mans, models),
+              "### Decoding (static KV cache)", "", *decode_table(models), "",
+              "### Forward latency per shape", "", *latency_table(models), "",
+              *(["### Generation", "", *generation_table(models), ""] if generation_table(models) else []),
               "### 2:4 semi-structured sparsity", "", *sparse_24_section(models, out["device"]), "",
               "## Plots", ""]
     captions = {"losses": "Training loss curves", "loss_scale": "Dynamic loss scale",
@@ -695,7 +817,9 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
     if plots.get("losses") is None:
         lines += ["No training loss was logged by pretrain or distill (no metrics.jsonl found).", ""]
     lines += ["## Samples", "", f"Greedy continuation of the same prompt by each model "
-              f"({ev['config'].get('gen_tokens')} new tokens):", "", f"Prompt: `{out['prompt']}`", ""]
+              f"({ev['config'].get('gen_tokens')} new tokens):", "", f"Prompt: `{out['prompt']}`"
+              + (f" ({out['prompt_source']}; `EVAL_ARGS=\"--prompt '...'\"` sets another)"
+                 if out.get("prompt_source") else ""), ""]
     for name, text in out.get("samples", {}).items():
         lines += [f"**{name}**", "", "```text", out["prompt"] + text, "```", ""]
     lines += ["## Provenance", ""]

@@ -10,6 +10,7 @@ Reads ``results/<run>/01_data`` (validation tokens, tokenizer) and the models na
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import sys
@@ -24,6 +25,7 @@ import torch
 from pipeline import dist
 from pipeline.cli import run_stage
 from pipeline.config import ConfigError, config_hash, to_dict
+from pipeline.data import small_validation_warning, validation_prompt
 from pipeline.evaluate import (
     EvalConfig,
     check_inputs,
@@ -48,7 +50,36 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.metrics import MetricsLogger
+from pipeline.timing import choose_threads, interleaved_forward_latency, interleaved_generation
 from pipeline.tokens import load_tokens
+
+
+def time_on_cpu(models: dict[str, torch.nn.Module], results: dict[str, dict], tokenizer, vocab: int,
+                cfg: EvalConfig) -> dict | None:
+    """The CPU timing protocol (``pipeline.timing``): the thread count (``cfg.threads``, or the choice between 1
+    and all cores on the dense model at the reference shape, ``pipeline.timing.choose_threads``), then every shape's forward and the generation,
+    the models' repeats interleaved; fills ``results[name]["latency"]`` and the ``gen_*`` figures.  Returns
+    the thread choice's measurements (``None`` when ``cfg.threads`` fixed the count)."""
+    choice = None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        ids = torch.randint(0, vocab, (max(cfg.batch_sizes), max(cfg.seq_lens)),
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        dense = models["dense"]
+        with torch.inference_mode():
+            choice = choose_threads(lambda: dense(input_ids=ids, use_cache=False), cfg.warmup, cfg.repeats)
+        print(f"eval: timing at {choice['threads']} CPU thread(s) (median ms / relative spread per count: "
+              + ", ".join(f"{n}: {c['median_ms']:.1f} / {c['rel_spread']:.2f}" for n, c in choice["candidates"].items())
+              + ")", flush=True)
+    lat = interleaved_forward_latency(models, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
+                                      max_spread=cfg.max_spread, seed=cfg.seed)
+    gen = interleaved_generation(models, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats,
+                                 max_spread=cfg.max_spread)
+    for name in models:
+        results[name]["latency"] = lat[name]
+        results[name].update(gen[name])
+    return choice
 
 
 def main(cfg: EvalConfig) -> dict | None:
@@ -68,7 +99,7 @@ def main(cfg: EvalConfig) -> dict | None:
 
     # 1. inputs, found only through manifests; every check before anything is written
     run_dir = cfg.run_dir()
-    data = require_stage(run_dir, "data")
+    data = require_stage(run_dir, "data", cfg.run, cfg.preset)
     data_dir = Path(data["_dir"])
     entries = find_models(run_dir, cfg.models)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +112,10 @@ def main(cfg: EvalConfig) -> dict | None:
     if len(val) < seq_len + 1:
         raise StageError(f"{data_dir} holds {len(val)} validation tokens, fewer than one block of {seq_len} + 1; "
                          f"re-run `make data` with a larger val_fraction (or raise --max_val_tokens)")
+    prompt_source = "--prompt"
+    if not cfg.prompt:  # the user's own text, not a fixed Shakespeare line
+        cfg = dataclasses.replace(cfg, prompt=validation_prompt(tokenizer, val, data["outputs"].get("eos_id")))
+        prompt_source = "the first words of the first validation document"
     check_inputs(cfg, entries, data, len(tokenizer(cfg.prompt)["input_ids"]))
     out_dir = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
@@ -100,6 +135,8 @@ def main(cfg: EvalConfig) -> dict | None:
     vocab = int(data["outputs"]["vocab_size"])
     results: dict[str, dict] = {}
     samples: dict[str, str] = {}
+    cpu_models: dict[str, torch.nn.Module] = {}
+    thread_choice: dict | None = None
 
     # 3. every model: quality (fp32), size, sample, then speed in the measurement dtype
     with MetricsLogger(out_dir / "metrics.jsonl", tb_dir) as log:
@@ -112,16 +149,22 @@ def main(cfg: EvalConfig) -> dict | None:
             row["val_loss"], row["val_ppl"] = validation_loss(model, val, seq_len, cfg.val_batch_size)
             samples[e.name], _ = generate(model, tokenizer, cfg.prompt, cfg.gen_tokens)
             model.to(dtype)
+            results[e.name] = row
+            if device == "cpu":
+                cpu_models[e.name] = model  # timed below, all models together (pipeline.timing)
+                continue
             row["latency"] = forward_latency(model, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
                                              graphs=device == "cuda" and cfg.cuda_graphs, seed=cfg.seed)
             row["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
             if device == "cuda" and cfg.sparse_24 and row["is_2_4"]:
                 row["sparse_24"] = measure_sparse_24(model, vocab, cfg, tokenizer, row["latency"])
-            results[e.name] = row
             del model
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if cpu_models:
+            thread_choice = time_on_cpu(cpu_models, results, tokenizer, vocab, cfg)
+            cpu_models.clear()
         if cfg.decode:  # all models at once, interleaved: after the loop above has freed each one
             print("eval: decode speed (static KV cache, every model interleaved)", flush=True)
             for name, rows in decode_speed(entries, cfg, tokenizer).items():
@@ -139,8 +182,11 @@ def main(cfg: EvalConfig) -> dict | None:
         "results": "results.json", "metrics": "metrics.jsonl", "config_hash": chash,
         "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "timing_protocol": ({"interleaved": True, "max_spread": cfg.max_spread, "thread_choice": thread_choice}
+                            if device == "cpu" else {"interleaved": False}),
         "reference_shape": {"batch": ref[0], "seq_len": ref[1]}, "models": list(results),
-        "missing": missing, "prompt": cfg.prompt, "samples": samples,
+        "missing": missing, "prompt": cfg.prompt, "prompt_source": prompt_source, "samples": samples,
+        "val_warning": small_validation_warning(len(val), seq_len),
         "val_tokens": len(val), "val_seq_len": seq_len,
     }
     atomic_write_json(out_dir / "results.json", {"outputs": outputs, "models": results})

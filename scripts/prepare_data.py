@@ -10,11 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import dist  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.data import DataConfig, prepare  # noqa: E402
 
 
-def main(cfg: DataConfig) -> dict:
+def main(cfg: DataConfig) -> dict | None:
+    if not dist.is_rank0():
+        return None  # one process makes the data; other ranks of a launcher (or srun tasks) have nothing to do
     manifest = prepare(cfg)
     m = manifest["metrics"]
     print(

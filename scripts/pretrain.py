@@ -37,7 +37,7 @@ def main(cfg: TrainConfig) -> dict | None:
         ConfigError / ValueError: a bad DeepSpeed template, model shape, or too little data.
     """
     t0 = time.time()
-    data_manifest = require_stage(cfg.run_dir(), "data", cfg.run)
+    data_manifest = require_stage(cfg.run_dir(), "data", cfg.run, cfg.preset)
     out = stage_dir(cfg.run_dir(), "pretrain")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
     prepare_output_dir(out, chash, cfg.overwrite, "pretrain")

@@ -7,7 +7,7 @@
 Reads ``results/<run>/02_pretrain`` (the model, tokenizer beside it) and ``01_data`` (validation tokens);
 writes ``results/<run>/03_prune/``: ``model/`` (safetensors + tokenizer), ``masks.safetensors`` (magnitude
 and nm; 1 = kept), ``metrics.jsonl`` and, last, ``manifest.json``; TensorBoard scalars ``prune/sparsity/<layer>``,
-``prune/params``, ``val/loss``, ``val/ppl`` under ``results/<run>/tb/prune/``.  Everything is checked before
+``prune/sparsity_linear_weights``, ``prune/sparsity_all_params``, ``prune/params``, ``val/loss``, ``val/ppl`` under ``results/<run>/tb/prune/``.  Everything is checked before
 anything is written; the outputs are made in temporary folders beside the final ones and renamed into place
 at the end, so a failed run leaves an earlier output as it was.  One process does the work: under a
 distributed launcher every rank computes the same and rank 0 alone writes.
@@ -89,8 +89,8 @@ def main(cfg: PruneConfig) -> dict | None:
     torch.manual_seed(cfg.seed)
 
     # -- inputs: the stage-02 model and the stage-01 validation tokens --------------------------
-    pretrain = require_stage(cfg.run_dir(), "pretrain", cfg.run)
-    data = require_stage(cfg.run_dir(), "data", cfg.run)
+    pretrain = require_stage(cfg.run_dir(), "pretrain", cfg.run, cfg.preset)
+    data = require_stage(cfg.run_dir(), "data", cfg.run, cfg.preset)
     out = stage_dir(cfg.run_dir(), "prune")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
     prepare_output_dir(out, chash, cfg.overwrite, "prune")
@@ -167,7 +167,10 @@ def main(cfg: PruneConfig) -> dict | None:
             if bad:
                 raise RuntimeError(f"{bad} pruned weights are non-zero in the saved model; nothing was replaced")
         scalars = {f"prune/sparsity/{k.removesuffix('.weight')}": v for k, v in result["layer_sparsity"].items()}
-        scalars.update({"prune/sparsity/overall": result["sparsity"], "prune/params": params_after,
+        # two different quantities, two names: zeros among the pruned linear weights (the method's target) and
+        # zeros among all parameters (embeddings and norms included: the report's "all parameters" column)
+        scalars.update({"prune/sparsity_linear_weights": result["sparsity"],
+                        "prune/sparsity_all_params": 1.0 - nonzero / params_after, "prune/params": params_after,
                         "prune/params_before": params_before, "prune/nonzero_params": nonzero,
                         "prune/dense_val_loss": dense_loss, "prune/dense_val_ppl": dense_ppl,
                         "val/loss": val_loss, "val/ppl": val_ppl})

@@ -6,6 +6,14 @@
 set -euo pipefail
 venv=${1:-.venv}
 base=${PYTHON:-python3}
+# DeepSpeed builds its ops (deepspeed_shm_comm on CPU, fused_adam on CUDA) with a C++ compiler at the first
+# training launch, into $TORCH_EXTENSIONS_DIR (the Makefile: the venv's torch_extensions/); say so now, not there
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1; then
+  echo "setup: no C++ compiler found (\$CXX, c++, g++ or clang++). DeepSpeed builds its deepspeed_shm_comm op with one" >&2
+  echo "setup: the first time a training stage starts (about 40 s); install one (e.g. 'sudo apt-get install g++')." >&2
+  exit 1
+fi
+echo "setup: C++ compiler $(command -v "${CXX:-c++}" || command -v g++ || command -v clang++) (DeepSpeed op builds cache in ${TORCH_EXTENSIONS_DIR:-~/.cache/torch_extensions})"
 if "$base" -c "import torch" >/dev/null 2>&1; then
   echo "setup: reusing torch $("$base" -c 'import torch; print(torch.__version__)') from $base"
   "$base" -m venv --system-site-packages "$venv"
