@@ -29,7 +29,14 @@ from pipeline.importance import (
 )
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.prune import PruneConfig, check_model, prune_model
-from pipeline.sparsity import check_nm, compute_masks, count_mask_violations, load_masks, nm_mask, prunable_weights
+from pipeline.sparsity import (
+    check_nm,
+    compute_masks,
+    count_mask_violations,
+    load_masks,
+    nm_mask,
+    prunable_weights,
+)
 from pipeline.tokens import load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,7 +368,7 @@ from test_distill import TINY, _run_stage, pretrained_template  # noqa: E402, F4
     ("nm", ["--importance", "wanda"]),
     ("structured", ["--importance", "activation", "--drop_layers", "1"]),
 ])
-def test_each_option_round_trips_through_distill_with_sparsity_kept(pretrained_template, tmp_path, method, extra):
+def test_each_option_round_trips_through_distill_with_sparsity_kept(pretrained_template, tmp_path, method, extra):  # noqa: F811
     results = tmp_path / "results"
     for st in ("01_data", "02_pretrain"):
         shutil.copytree(pretrained_template / st, results / "r" / st, ignore=shutil.ignore_patterns("checkpoints"))
