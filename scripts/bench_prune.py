@@ -2,7 +2,8 @@
 run's dense stage-02 model and its validation split.
 
     python scripts/bench_prune.py --run NAME [--results_dir results] [--calib_blocks 128] [--eval_tokens 0]
-        [--variants unstructured,2:4,structured] [--device auto] [--out results/bench]
+        [--variants unstructured,2:4,structured] [--wanda_orders sequential,one_pass] [--device auto]
+        [--out results/bench]
 
 For every variant the dense model is reloaded from ``results/<run>/02_pretrain`` and pruned in memory with
 :func:`pipeline.prune.prune_model` (nothing is written under the run):
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval_batch_size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--wanda_orders", default="sequential,one_pass",
+                    help="calibration orders of wanda measured (sequential, one_pass, or both)")
     ap.add_argument("--out", default="results/bench")
     args = ap.parse_args(argv)
 
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         for label, kw in VARIANTS[variant]:
+            if kw.get("importance") == "wanda" and kw.get("calib_order", "sequential") not in args.wanda_orders.split(","):
+                continue
             kw = {"sparsity": args.sparsity, **kw}
             if variant == "depth":
                 kw["drop_layers"] = args.drop_layers
