@@ -13,6 +13,11 @@ Three methods, chosen with ``--method``:
   Models via Pruning and Knowledge Distillation").  The result is a plain ``LlamaForCausalLM`` whose config
   records the new sizes.
 
+``--importance`` replaces the magnitude ranking with an activation-aware one computed on calibration blocks of
+the training split (:mod:`pipeline.calibration`, :mod:`pipeline.importance`): ``wanda`` for magnitude/nm
+(Sun et al., 2023), ``activation`` for structured (Minitron's head and MLP-channel importance); ``--drop_layers``
+removes whole decoder blocks of lowest Block Influence before width pruning (ShortGPT, Men et al., 2024).
+
 The stage's entry point is ``scripts/prune.py``; this module holds its configuration and the pieces.
 """
 
