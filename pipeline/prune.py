@@ -13,6 +13,11 @@ Three methods, chosen with ``--method``:
   Models via Pruning and Knowledge Distillation").  The result is a plain ``LlamaForCausalLM`` whose config
   records the new sizes.
 
+``--importance`` replaces the magnitude ranking with an activation-aware one computed on calibration blocks of
+the training split (:mod:`pipeline.calibration`, :mod:`pipeline.importance`): ``wanda`` for magnitude/nm
+(Sun et al., 2023), ``activation`` for structured (Minitron's head and MLP-channel importance); ``--drop_layers``
+removes whole decoder blocks of lowest Block Influence before width pruning (ShortGPT, Men et al., 2024).
+
 The stage's entry point is ``scripts/prune.py``; this module holds its configuration and the pieces.
 """
 
@@ -64,6 +69,22 @@ class PruneConfig(CommonConfig):
     eval_batch_size: int = doc("Blocks per forward pass when measuring validation loss.", 8)
     eval_tokens: int = doc("Validation tokens scored before and after pruning (0 = the whole split).", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("Where to prune and evaluate; auto = cuda when available.", "auto")
+    importance: Literal["magnitude", "wanda", "activation"] = doc(
+        "How weights are ranked. magnitude: |w| (magnitude/nm) or group magnitude (structured); wanda "
+        "(magnitude/nm): |w_ij|·||x_j||_2 over calibration tokens, compared per output row (Sun et al., 2023); "
+        "activation (structured): head and MLP-channel importance from calibration activations (Minitron, "
+        "Muralidharan et al., 2024). See pipeline/importance.py.", "magnitude")
+    calib_blocks: int = doc(
+        "wanda/activation/drop_layers: calibration blocks of seq_len tokens drawn (seeded) from the TRAINING "
+        "split; the validation split is never read for calibration.", 128)
+    calib_order: Literal["sequential", "one_pass"] = doc(
+        "wanda: 'sequential' records each block's inputs with the blocks before it already pruned (one pass per "
+        "block, Wanda's reference code); 'one_pass' records every input from the dense model at once.",
+        "sequential")
+    drop_layers: int = doc(
+        "structured: whole decoder blocks removed first, those of lowest Block Influence 1 - cos(x_in, x_out) on "
+        "the calibration blocks (ShortGPT, Men et al., 2024); 0 = none. With --sparsity 0 only depth is pruned.",
+        0)
 
     def validate(self) -> list[str]:
         """Every problem found without the model (ranges, N:M, patterns); the model's are in :func:`check_model`."""
@@ -97,7 +118,36 @@ class PruneConfig(CommonConfig):
             problems.append(f"eval_tokens must be 0 (whole split) or positive, got {self.eval_tokens}")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda, but CUDA is not available here; use --device auto or cpu")
+        problems += self._importance_problems()
         return problems
+
+    def _importance_problems(self) -> list[str]:
+        """Problems of importance / calibration / depth settings (part of :meth:`validate`)."""
+        problems = []
+        if self.importance == "wanda" and self.method == "structured":
+            problems.append("--importance wanda ranks single weights (magnitude, nm); for structured pruning use "
+                            "--importance activation")
+        if self.importance == "activation" and self.method != "structured":
+            problems.append(f"--importance activation ranks heads and MLP channels (structured); for --method "
+                            f"{self.method} use --importance wanda")
+        if self.importance == "wanda" and self.method == "magnitude" and self.scope == "global":
+            problems.append("--importance wanda compares weights within each output row; --scope global does not "
+                            "apply: use --scope layer")
+        if self.importance == "activation" and self.structured_backend == "torch_pruning":
+            problems.append("--importance activation slices the ranked groups itself; use --structured_backend "
+                            "auto or manual")
+        if self.calib_blocks < 1:
+            problems.append(f"calib_blocks must be at least 1, got {self.calib_blocks}")
+        if self.drop_layers < 0:
+            problems.append(f"drop_layers must be >= 0, got {self.drop_layers}")
+        if self.drop_layers and self.method != "structured":
+            problems.append("--drop_layers removes whole decoder blocks: it needs --method structured (with "
+                            "--sparsity 0 for depth alone)")
+        return problems
+
+    def needs_calibration(self) -> bool:
+        """True when pruning reads calibration blocks of the training split."""
+        return self.importance != "magnitude" or (self.method == "structured" and self.drop_layers > 0)
 
     def ratios(self) -> tuple[float, float]:
         """(head_ratio, mlp_ratio) of structured pruning, ``sparsity`` standing in for the unset ones."""
@@ -209,12 +259,24 @@ def check_model(cfg: PruneConfig, model: nn.Module) -> list[str]:
         if plan and cfg.structured_backend == "torch_pruning" and plan.num_key_value_heads != plan.num_attention_heads:
             problems.append("--structured_backend torch_pruning handles multi-head attention only (its dependency "
                             "graph never finishes on grouped-query attention); use auto or manual")
+        n_layers = int(getattr(model.config, "num_hidden_layers", 0))
+        if cfg.drop_layers >= n_layers > 0:
+            problems.append(f"--drop_layers {cfg.drop_layers} leaves no decoder block of {n_layers}; use at most "
+                            f"{n_layers - 1}")
         return problems
     try:
         selected = prunable_weights(model, cfg.include, cfg.exclude)
     except ValueError as e:
         return [f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}): {e}"]
     problems = []
+    if cfg.importance == "wanda":
+        from pipeline.importance import score_module
+
+        for pw in selected.values():
+            try:
+                score_module(model, pw)
+            except ValueError as e:
+                problems.append(str(e))
     if cfg.method == "nm":
         for name, pw in selected.items():
             if pw.in_width % cfg.m:
@@ -267,14 +329,18 @@ def _removed(scores: torch.Tensor, n_keep: int) -> list[int]:
 
 
 @torch.no_grad()
-def _manual_prune_block(block: nn.Module, plan: WidthPlan) -> None:
+def _manual_prune_block(block: nn.Module, plan: WidthPlan, kv_scores: torch.Tensor | None = None,
+                        mlp_scores: torch.Tensor | None = None) -> None:
+    """Slice one block's ranked key/value groups and MLP channels; ``kv_scores``/``mlp_scores`` replace the
+    magnitude importances when given (e.g. :func:`pipeline.importance.llama_activation_importance`)."""
     import torch_pruning as tp
 
     attn, mlp, hd = block.self_attn, block.mlp, plan.head_dim
     if plan.new_key_value_heads < plan.num_key_value_heads:
         r = plan.num_attention_heads // plan.num_key_value_heads
-        groups = _removed(kv_group_importance(attn, plan.num_attention_heads, plan.num_key_value_heads, hd),
-                          plan.new_key_value_heads)
+        if kv_scores is None:
+            kv_scores = kv_group_importance(attn, plan.num_attention_heads, plan.num_key_value_heads, hd)
+        groups = _removed(kv_scores, plan.new_key_value_heads)
         q_idx = [c for g in groups for c in range(g * r * hd, (g + 1) * r * hd)]
         kv_idx = [c for g in groups for c in range(g * hd, (g + 1) * hd)]
         tp.prune_linear_out_channels(attn.q_proj, q_idx)
@@ -282,7 +348,7 @@ def _manual_prune_block(block: nn.Module, plan: WidthPlan) -> None:
         tp.prune_linear_out_channels(attn.v_proj, kv_idx)
         tp.prune_linear_in_channels(attn.o_proj, q_idx)
     if plan.new_intermediate_size < plan.intermediate_size:
-        idx = _removed(mlp_channel_importance(mlp), plan.new_intermediate_size)
+        idx = _removed(mlp_channel_importance(mlp) if mlp_scores is None else mlp_scores, plan.new_intermediate_size)
         tp.prune_linear_out_channels(mlp.gate_proj, idx)
         tp.prune_linear_out_channels(mlp.up_proj, idx)
         tp.prune_linear_in_channels(mlp.down_proj, idx)
@@ -327,7 +393,8 @@ def _torch_pruning_block(block: nn.Module, plan: WidthPlan, rotary: nn.Module, s
 
 
 def prune_llama_width(model: nn.Module, head_ratio: float, mlp_ratio: float,
-                      backend: Literal["auto", "torch_pruning", "manual"] = "auto") -> WidthPlan:
+                      backend: Literal["auto", "torch_pruning", "manual"] = "auto",
+                      scores: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> WidthPlan:
     """Remove whole key/value groups (with their query heads) and MLP channels from every block, in place.
 
     Every block loses the same number of groups and channels (each ranked within its block by
@@ -341,6 +408,9 @@ def prune_llama_width(model: nn.Module, head_ratio: float, mlp_ratio: float,
         mlp_ratio: fraction of MLP intermediate channels removed.
         backend: ``torch_pruning`` (multi-head attention only), ``manual``, or ``auto`` (torch_pruning for
             multi-head attention, manual for grouped-query attention).
+        scores: block index -> (key/value-group importance ``(kv,)``, MLP-channel importance
+            ``(intermediate_size,)``) used instead of the magnitude criterion (the manual backend slices them;
+            ``torch_pruning`` is refused).
 
     Returns:
         the :class:`WidthPlan` applied.
@@ -353,11 +423,15 @@ def prune_llama_width(model: nn.Module, head_ratio: float, mlp_ratio: float,
     if problems:
         raise ValueError("; ".join(problems))
     mha = plan.num_key_value_heads == plan.num_attention_heads
-    use_tp = backend == "torch_pruning" or (backend == "auto" and mha)
+    if scores is not None and backend == "torch_pruning":
+        raise ValueError("given importance scores are sliced by the manual backend; use backend auto or manual")
+    use_tp = scores is None and (backend == "torch_pruning" or (backend == "auto" and mha))
     rotary = model.model.rotary_emb
-    for block in model.model.layers:
+    for i, block in enumerate(model.model.layers):
         if use_tp:
             _torch_pruning_block(block, plan, rotary)
+        elif scores is not None:
+            _manual_prune_block(block, plan, *scores[i])
         else:
             _manual_prune_block(block, plan)
     hd = plan.head_dim
@@ -396,31 +470,75 @@ def _block_linear_shapes(model: nn.Module) -> dict[str, int]:
     return {k: pw.param.numel() for k, pw in prunable_weights(model).items()}
 
 
-def prune_model(model: nn.Module, cfg: PruneConfig) -> dict[str, Any]:
+def _original_names(shapes: dict[str, int], kept: list[int], prefix: str = "model.layers.") -> dict[str, int]:
+    """``shapes`` of a depth-pruned model renamed to the blocks' indices before pruning (``kept[new] = old``)."""
+    import re
+
+    out = {}
+    for k, v in shapes.items():
+        m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", k)
+        out[f"{prefix}{kept[int(m.group(1))]}.{m.group(2)}" if m else k] = v
+    return out
+
+
+def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None = None) -> dict[str, Any]:
     """Prune ``model`` in place as ``cfg`` says and measure the result.
+
+    Args:
+        model: the dense model.
+        cfg: the stage's configuration.
+        calib: ``(N, seq_len)`` calibration token ids from the training split
+            (:func:`pipeline.calibration.calibration_blocks`); needed when ``cfg.needs_calibration()``.
 
     Returns:
         ``masks`` (name -> bool keep-mask; ``None`` for structured), ``layer_sparsity`` (name -> fraction
-        of the weight removed: zeros for magnitude/nm, entries cut away for structured), ``sparsity``
-        (the same over all of them), and ``plan`` (the :class:`WidthPlan` as a dict; structured only).
+        of the weight removed: zeros for magnitude/nm, entries cut away for structured; a removed block's
+        weights count 1.0 under their original names), ``sparsity`` (the same over all of them), ``plan``
+        (the :class:`WidthPlan` as a dict; structured only) and ``depth`` (structured with ``drop_layers``:
+        ``dropped`` and ``kept`` original block indices and every block's ``block_influence``; else ``None``).
 
     Raises:
-        ValueError: what :func:`check_model` reports.
+        ValueError: what :func:`check_model` reports, or calibration data missing where it is needed.
     """
     problems = check_model(cfg, model)
+    if cfg.needs_calibration() and calib is None:
+        problems.append(f"--importance {cfg.importance} / --drop_layers {cfg.drop_layers} need calibration blocks "
+                        f"of the training split (pipeline.calibration.calibration_blocks)")
     if problems:
         raise ValueError("; ".join(problems))
+    bs = cfg.eval_batch_size
     if cfg.method == "structured":
         before = _block_linear_shapes(model)
-        plan = prune_llama_width(model, *cfg.ratios(), backend=cfg.structured_backend)
-        after = _block_linear_shapes(model)
-        layers = {k: 1.0 - after[k] / n for k, n in before.items()}
+        depth = None
+        kept = list(range(len(model.model.layers)))
+        if cfg.drop_layers:
+            from pipeline.calibration import block_influence
+            from pipeline.importance import drop_decoder_blocks, lowest
+
+            bi = block_influence(model, model.model.layers, calib, bs)
+            dropped = lowest(bi, cfg.drop_layers)
+            kept = drop_decoder_blocks(model, dropped)
+            depth = {"dropped": dropped, "kept": kept, "block_influence": [float(v) for v in bi]}
+        scores = None
+        if cfg.importance == "activation":
+            from pipeline.importance import llama_activation_importance
+
+            scores = llama_activation_importance(model, calib, bs)  # on the depth-pruned model
+        plan = prune_llama_width(model, *cfg.ratios(), backend=cfg.structured_backend, scores=scores)
+        after = _original_names(_block_linear_shapes(model), kept)
+        layers = {k: 1.0 - after.get(k, 0) / n for k, n in before.items()}
         overall = 1.0 - sum(after.values()) / sum(before.values())
-        return {"masks": None, "layer_sparsity": layers, "sparsity": overall, "plan": plan.__dict__}
-    masks = compute_masks(model, cfg.method, cfg.sparsity, cfg.scope, cfg.n, cfg.m, cfg.include, cfg.exclude)
+        return {"masks": None, "layer_sparsity": layers, "sparsity": overall, "plan": plan.__dict__, "depth": depth}
+    if cfg.importance == "wanda":
+        from pipeline.importance import wanda_masks
+
+        selected = prunable_weights(model, cfg.include, cfg.exclude)
+        masks = wanda_masks(model, selected, calib, bs, cfg.method, cfg.sparsity, cfg.n, cfg.m, cfg.calib_order)
+    else:
+        masks = compute_masks(model, cfg.method, cfg.sparsity, cfg.scope, cfg.n, cfg.m, cfg.include, cfg.exclude)
     apply_masks(model, masks)
     rep = sparsity_report(model, masks)
-    return {"masks": masks, "layer_sparsity": rep["layers"], "sparsity": rep["overall"], "plan": None}
+    return {"masks": masks, "layer_sparsity": rep["layers"], "sparsity": rep["overall"], "plan": None, "depth": None}
 
 
 def target_sparsity(cfg: PruneConfig) -> float:

@@ -3,8 +3,11 @@
     python scripts/prune.py --run NAME [--preset cpu] --method magnitude [--sparsity 0.5] [--scope layer|global]
     python scripts/prune.py --run NAME --method nm [--n 2 --m 4]
     python scripts/prune.py --run NAME --method structured [--sparsity 0.5 | --head_ratio R --mlp_ratio R]
+    python scripts/prune.py --run NAME --method magnitude|nm --importance wanda [--calib_blocks 128]
+    python scripts/prune.py --run NAME --method structured --importance activation [--drop_layers K]
 
-Reads ``results/<run>/02_pretrain`` (the model, tokenizer beside it) and ``01_data`` (validation tokens);
+Reads ``results/<run>/02_pretrain`` (the model, tokenizer beside it) and ``01_data`` (validation tokens, and
+for ``--importance wanda|activation`` or ``--drop_layers`` calibration blocks of the training split only);
 writes ``results/<run>/03_prune/``: ``model/`` (safetensors + tokenizer), ``masks.safetensors`` (magnitude
 and nm; 1 = kept), ``metrics.jsonl`` and, last, ``manifest.json``; TensorBoard scalars ``prune/sparsity/<layer>``,
 ``prune/sparsity_linear_weights``, ``prune/sparsity_all_params``, ``prune/params``, ``val/loss``, ``val/ppl`` under ``results/<run>/tb/prune/``.  Everything is checked before
@@ -28,6 +31,7 @@ import torch
 
 from pipeline import dist
 from pipeline.budget import budget_of, training_budget
+from pipeline.calibration import CALIBRATION_SPLIT, calibration_blocks, train_block_count
 from pipeline.cli import run_stage
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.evaluate import validation_loss
@@ -105,13 +109,28 @@ def main(cfg: PruneConfig) -> dict | None:
     if len(val) < seq_len + 1:
         problems.append(f"{len(val)} validation tokens make no block of seq_len={seq_len} + 1; raise --eval_tokens "
                         f"(0 = whole split) or remake stage 01 with a larger val_fraction")
+    calib_available = train_block_count(data, seq_len) if cfg.needs_calibration() else -1
+    if 0 <= calib_available < cfg.calib_blocks:
+        problems.append(f"the training split holds {calib_available} blocks of seq_len={seq_len}, fewer than "
+                        f"--calib_blocks {cfg.calib_blocks}; lower --calib_blocks to at most {calib_available}")
     if problems:
         raise ConfigError(problems)
+
+    # -- calibration blocks: the training split only ----------------------------------------------
+    calib, calibration = None, None
+    if cfg.needs_calibration():
+        try:
+            calib = calibration_blocks(data["_dir"], data, cfg.calib_blocks, seq_len, cfg.seed)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
+        calibration = {"split": CALIBRATION_SPLIT, "shards": list(data["outputs"][f"{CALIBRATION_SPLIT}_shards"]),
+                       "blocks": int(calib.shape[0]), "seq_len": seq_len, "tokens": int(calib.numel()),
+                       "seed": cfg.seed, "order": cfg.calib_order if cfg.importance == "wanda" else "one_pass"}
 
     # -- prune, measuring before and after -------------------------------------------------------
     dense_loss, dense_ppl = validation_loss(model, val, seq_len, cfg.eval_batch_size)
     params_before = count_params(model, exclude_position_embeddings=False)
-    result = prune_model(model, cfg)
+    result = prune_model(model, cfg, calib)
     val_loss, val_ppl = validation_loss(model, val, seq_len, cfg.eval_batch_size)
     params_after = count_params(model, exclude_position_embeddings=False)
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())  # unique: tied weights once
@@ -128,6 +147,9 @@ def main(cfg: PruneConfig) -> dict | None:
         "n": cfg.n if cfg.method == "nm" else None,
         "m": cfg.m if cfg.method == "nm" else None,
         "structure": result["plan"],
+        "importance": cfg.importance,
+        "calibration": calibration,
+        "depth": result.get("depth"),
         "layer_sparsity": result["layer_sparsity"],
         "params_before": params_before,
         "params_after": params_after,
@@ -184,7 +206,8 @@ def main(cfg: PruneConfig) -> dict | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(tb_tmp, ignore_errors=True)
-    print(f"prune: {cfg.method} sparsity {result['sparsity']:.4f}, params {params_before} -> {params_after} "
+    dropped = f", layers dropped {result['depth']['dropped']}" if result.get("depth") else ""
+    print(f"prune: {cfg.method} ({cfg.importance}{dropped}) sparsity {result['sparsity']:.4f}, params {params_before} -> {params_after} "
           f"({nonzero} non-zero), val/ppl {dense_ppl:.2f} -> {val_ppl:.2f} -> {out}")
     return manifest
 
