@@ -3,8 +3,10 @@
 #   make test                     the test suite
 #   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
 # Variables (override on the command line):
-RUN          ?= default
-PRESET       ?= cpu
+# TASK=classify: the encoder path (BERT masked-LM pretraining, then genre classification; presets encoder-*)
+TASK         ?= lm
+RUN          ?= $(if $(filter classify,$(TASK)),classify,default)
+PRESET       ?= $(if $(filter classify,$(TASK)),encoder-cpu,cpu)
 LAUNCHER     ?= python
 NGPU         ?= 1
 PRUNE_METHOD ?= magnitude
@@ -16,6 +18,7 @@ DATA         ?=
 DATA_ARGS    ?=
 PRETRAIN_ARGS ?=
 PRUNE_ARGS   ?=
+CLASSIFY_ARGS ?=
 DISTILL_ARGS ?=
 EVAL_ARGS    ?=
 REPORT_ARGS  ?=
@@ -48,13 +51,17 @@ else
   $(error LAUNCHER must be python, deepspeed or accelerate, not '$(LAUNCHER)')
 endif
 
+ifeq ($(filter $(TASK),lm classify),)
+  $(error TASK must be lm or classify, not '$(TASK)')
+endif
+
 ifeq ($(filter $(PRUNE_METHOD),magnitude nm structured),)
   $(error PRUNE_METHOD must be magnitude, nm or structured, not '$(PRUNE_METHOD)')
 endif
 
 COMMON := --run $(RUN) --preset $(PRESET)
 
-.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help
+.PHONY: all setup data pretrain classify prune distill eval report test lint tensorboard bench clean-run help
 .DELETE_ON_ERROR:
 
 all: report
@@ -75,8 +82,30 @@ eval: $(R)/05_eval/manifest.json
 report: $(R)/report.md
 
 $(R)/01_data/manifest.json: $(SETUP)
-	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS)
+	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS)$(if $(filter classify,$(TASK)), --task classify,)
 
+ifeq ($(TASK),classify)
+# the encoder path: 02 masked-LM pretraining, 02b classification, then 03-05 compress the classifier
+classify: $(R)/02b_classify/manifest.json
+
+$(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
+	$(LAUNCH) scripts/pretrain_encoder.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
+
+$(R)/02b_classify/manifest.json: $(R)/02_pretrain/manifest.json
+	$(LAUNCH) scripts/classify.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(CLASSIFY_ARGS)
+
+$(R)/03_prune/manifest.json: $(R)/02b_classify/manifest.json
+	$(PY) scripts/prune_classifier.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS)
+
+$(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
+	$(LAUNCH) scripts/distill_classifier.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS)
+
+$(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
+	$(PY) scripts/evaluate_classifier.py $(COMMON) $(EVAL_ARGS)
+
+$(R)/report.md: $(R)/05_eval/manifest.json
+	$(PY) scripts/report_classify.py $(COMMON) $(REPORT_ARGS)
+else
 $(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
 	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
 
@@ -91,6 +120,7 @@ $(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
 
 $(R)/report.md: $(R)/05_eval/manifest.json
 	$(PY) scripts/report.py $(COMMON) $(REPORT_ARGS)
+endif
 
 tensorboard: $(SETUP)
 	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)

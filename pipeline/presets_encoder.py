@@ -26,6 +26,10 @@ ENCODER_PRESETS: dict[str, dict[str, dict]] = {
             "save_interval": 10, "log_interval": 5, "precision": "fp32", "max_passages_per_group": 12,
             "eval_batch_size": 32,
         },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 8, "max_steps": 16, "lr": 1e-3, "warmup_steps": 2, "eval_interval": 8,
+                    "save_interval": 8, "log_interval": 4, "precision": "fp32", "eval_batch_size": 32},
+        "eval": {"batch_sizes": [1, 8], "repeats": 3},
     },
     "encoder-cpu": {
         "data": {"vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05, "task": "classify"},
@@ -38,6 +42,10 @@ ENCODER_PRESETS: dict[str, dict[str, dict]] = {
             "micro_batch_size": 16, "max_steps": 150, "lr": 3e-4, "warmup_steps": 15, "eval_interval": 75,
             "save_interval": 75, "log_interval": 15, "max_passages_per_group": 60, "eval_batch_size": 64,
         },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 16, "max_steps": 100, "lr": 3e-4, "warmup_steps": 10, "eval_interval": 50,
+                    "save_interval": 50, "log_interval": 10, "eval_batch_size": 64},
+        "eval": {"batch_sizes": [1, 16], "repeats": 5},
     },
     "encoder-gpu": {
         "data": {"vocab_size": 16384, "seq_len": 128, "val_fraction": 0.05, "task": "classify"},
@@ -50,5 +58,9 @@ ENCODER_PRESETS: dict[str, dict[str, dict]] = {
             "micro_batch_size": 32, "max_steps": 600, "lr": 5e-5, "warmup_steps": 60, "eval_interval": 200,
             "save_interval": 300, "log_interval": 25, "eval_batch_size": 256,
         },
+        "prune": {"sparsity": 0.5},
+        "distill": {"micro_batch_size": 32, "max_steps": 400, "lr": 5e-5, "warmup_steps": 40, "eval_interval": 200,
+                    "save_interval": 200, "log_interval": 25, "eval_batch_size": 256},
+        "eval": {"batch_sizes": [1, 64], "repeats": 20},
     },
 }
