@@ -325,3 +325,96 @@ def test_encoder_pipeline_exports_reload_and_score_the_same(tmp_path, clean_env)
     with pytest.raises(StageError, match="TASK=classify"):
         mod.main(parse_cli(EncoderTrainConfig, ["--run", "dec", "--results_dir", str(tmp_path / "results"),
                                                 "--preset", "encoder-tiny"], "pretrain"))
+
+
+# ---------------------------------------------------------------------------------------------
+# compression pieces
+
+
+def test_structured_ffn_pruning_keeps_the_strongest_channels_and_reloads(tmp_path):
+    from pipeline.classify import load_classifier
+    from pipeline.classify_compress import bert_ffn_importance, prune_bert_ffn
+
+    model, ds = tiny_classifier_and_data()
+    ids = torch.stack([ds[i] for i in range(len(ds))])[:, 1:]
+    before = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    layer = model.bert.encoder.layer[0]
+    imp = bert_ffn_importance(layer)
+    top = set(torch.topk(imp, 48).indices.tolist())
+    kept_rows = {tuple(r.tolist()) for r in layer.intermediate.dense.weight.detach()[sorted(top)]}
+    assert prune_bert_ffn(model, 0.25) == 48 and model.config.intermediate_size == 48
+    layer = model.bert.encoder.layer[0]
+    assert {tuple(r.tolist()) for r in layer.intermediate.dense.weight.detach()} == kept_rows
+    after = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    assert not torch.allclose(before, after)  # channels were removed
+    model.save_pretrained(tmp_path / "m")
+    again = load_classifier(tmp_path / "m")
+    assert again.config.intermediate_size == 48
+    torch.testing.assert_close(again(input_ids=ids, attention_mask=(ids != 0).long()).logits, after)
+
+
+def test_logit_kd_loss_is_distilbert_s():
+    from pipeline.classify_compress import logit_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    T = 2.0
+    pt = torch.softmax(t / T, -1)
+    kl = (pt * (pt.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    ce = torch.nn.functional.cross_entropy(s, y)
+    loss, kl_, ce_ = logit_kd_loss(s, t, y, T, 0.3)
+    torch.testing.assert_close(kl_, kl)
+    torch.testing.assert_close(loss, 0.3 * kl + 0.7 * ce)
+    assert logit_kd_loss(s, s, y, T, 1.0)[0].abs() < 1e-6  # the teacher's own logits: nothing to learn
+    torch.testing.assert_close(logit_kd_loss(s, t, y, T, 0.0)[0], ce)
+
+
+def test_classifier_compression_stages(tmp_path, clean_env):
+    """03 magnitude pruning -> 04 distillation (masks kept) -> 05 eval -> report, on a small labelled corpus."""
+    import importlib.util
+
+    from pipeline.classify import ClassifyConfig, run_classify
+    from pipeline.classify_compress import (
+        DistillClassifierConfig,
+        EvalClassifierConfig,
+        PruneClassifierConfig,
+        distill_classifier,
+        evaluate_classifiers,
+        prune_classifier,
+    )
+    from pipeline.config import parse_cli
+    from pipeline.data import DataConfig, prepare
+    from pipeline.encoder import EncoderTrainConfig
+    from pipeline.report_classify import build_classify_report
+    from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
+
+    corpus = _labelled_corpus(tmp_path / "labelled.jsonl")
+    common = ["--run", "r", "--results_dir", str(tmp_path / "results"), "--preset", "encoder-tiny"]
+    fast = ["--progress", "false", "--eval_interval", "4", "--save_interval", "4"]
+    prepare(parse_cli(DataConfig, [*common, "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"],
+                      "data"))
+    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(parse_cli(EncoderTrainConfig, [*common, "--max_steps", "4", *fast], "pretrain"))
+    run_classify(parse_cli(ClassifyConfig, [*common, "--data", str(corpus), "--max_steps", "8", *fast], "classify"))
+    run = tmp_path / "results" / "r"
+    pm = prune_classifier(parse_cli(PruneClassifierConfig, [*common, "--method", "nm"], "prune"))
+    assert pm["outputs"]["sparsity"] == pytest.approx(0.5)
+    dm = distill_classifier(parse_cli(DistillClassifierConfig, [*common, "--max_steps", "8", *fast], "distill"))
+    masks = load_masks(run / "03_prune" / "masks.safetensors")
+    sd = load_export_state_dict(run / "04_distill" / "model")
+    assert sum(count_mask_violations(sd, masks).values()) == 0 and dm["outputs"]["mask_violations"] == 0
+    rows = [json.loads(line) for line in (run / "04_distill" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd/kl" in r and "kd/ce" in r for r in rows)
+    em = evaluate_classifiers(parse_cli(EvalClassifierConfig, common, "eval"))
+    models = em["metrics"]["models"]
+    assert list(models) == ["dense", "pruned (nm)", "distilled (nm)"]
+    assert models["dense"]["test_accuracy"] == pytest.approx(
+        json.loads((run / "02b_classify" / "manifest.json").read_text())["metrics"]["test_accuracy"])
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert models["distilled (nm)"]["n_nonzero_params"] == models["dense"]["n_params"] - pruned
+    text = build_classify_report(run).read_text()
+    assert "majority-class baseline" in text and "| distilled (nm) |" in text and "| macro avg |" in text
+    assert (run / "plots" / "confusion_matrix.png").is_file()
