@@ -36,15 +36,16 @@ ENCODER_PRESETS: dict[str, dict[str, dict]] = {
         "pretrain": {
             "model": {"n_layer": 4, "d_model": 128, "n_head": 4, "d_ff": 512, "dropout": 0.1},
             "micro_batch_size": 16, "grad_accum": 1, "max_steps": 300, "lr": 1e-3, "warmup_steps": 30,
-            "eval_interval": 150, "save_interval": 150, "log_interval": 20, "eval_batch_size": 64,
+            "eval_interval": 150, "save_interval": 150, "log_interval": 20, "eval_batch_size": 64, "precision": "fp32",
         },
         "classify": {
             "micro_batch_size": 16, "max_steps": 150, "lr": 3e-4, "warmup_steps": 15, "eval_interval": 75,
             "save_interval": 75, "log_interval": 15, "max_passages_per_group": 60, "eval_batch_size": 64,
+            "precision": "fp32",
         },
         "prune": {"sparsity": 0.5},
         "distill": {"micro_batch_size": 16, "max_steps": 100, "lr": 3e-4, "warmup_steps": 10, "eval_interval": 50,
-                    "save_interval": 50, "log_interval": 10, "eval_batch_size": 64},
+                    "save_interval": 50, "log_interval": 10, "eval_batch_size": 64, "precision": "fp32"},
         "eval": {"batch_sizes": [1, 16], "repeats": 5},
     },
     "encoder-gpu": {
