@@ -241,13 +241,15 @@ def make_classification_loss(pad_id: int):
 
 @torch.no_grad()
 def predict(model: Any, dataset: ClassificationDataset, batch_size: int, device: Any, world: int = 1,
-            rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            rank: int = 0, gather: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits of every sample of ``dataset``, each counted once, on every rank.
 
     Rank ``r`` scores ``DistributedSampler(dataset, world, r, shuffle=False)``'s share (``ceil(n / world)``
     samples; the last ranks get repeats of the first samples as padding); the ``(index, logits)`` rows of all
     ranks are all-gathered (equal sizes, so NCCL and gloo alike) and de-duplicated by index.  Every rank must
     call this (collective; under ZeRO-3 each forward gathers parameters, and every rank runs as many).
+    ``gather``: another all-gather (tensor -> the ranks' tensors concatenated along dim 0), e.g. Horovod's
+    ``hvd.allgather``; default ``torch.distributed.all_gather``.
 
     Returns:
         ``(labels, logits)``: int64 ``(n,)`` and float32 ``(n, num_labels)`` numpy arrays in dataset order.
@@ -270,7 +272,9 @@ def predict(model: Any, dataset: ClassificationDataset, batch_size: int, device:
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         rows.append(torch.cat([torch.tensor(chunk, device=logits.device, dtype=torch.float32)[:, None], logits], 1))
     mine = torch.cat(rows)
-    if world > 1:
+    if world > 1 and gather is not None:
+        mine = gather(mine)  # collective: every rank
+    elif world > 1:
         parts = [torch.empty_like(mine) for _ in range(world)]
         tdist.all_gather(parts, mine)  # collective: every rank (equal sizes by DistributedSampler's padding)
         mine = torch.cat(parts)
