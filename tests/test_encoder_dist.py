@@ -73,7 +73,7 @@ def test_classify_two_ranks_deepspeed(encoder_run):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()),
            "scripts/classify.py", *common, "--data", str(corpus), "--ds_config", "ds_configs/zero2_fp16.json",
            "--max_steps", "6", "--eval_interval", "3", "--save_interval", "6", "--progress", "false"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
     _check(p)
     _check_against_one_process(results, corpus, common, "deepspeed", 2)
 
@@ -84,6 +84,6 @@ def test_classify_two_processes_accelerate_zero3(encoder_run):
            "2", "--main_process_port", str(free_port()), "scripts/classify.py", *common, "--data", str(corpus),
            "--ds_config", "ds_configs/zero3_fp16.json", "--max_steps", "6", "--eval_interval", "3",
            "--save_interval", "6", "--progress", "false", "--watchdog_s", "120"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
     _check(p)
     _check_against_one_process(results, corpus, common, "accelerate", 3)
