@@ -6,8 +6,10 @@
 #   make prune FORCE=1 PRUNE_ARGS="--sparsity 0.7"   re-run the named stage(s) alone, --overwrite, changed settings
 #   make clean-run RUN=x          delete results/x;  make lint: ruff;  make tensorboard TB_PORT=6007
 # Variables (override on the command line):
-RUN          ?= default
-PRESET       ?= cpu
+# TASK=classify: the encoder path (BERT masked-LM pretraining, then genre classification; presets encoder-*)
+TASK         ?= lm
+RUN          ?= $(if $(filter classify,$(TASK)),classify,default)
+PRESET       ?= $(if $(filter classify,$(TASK)),encoder-cpu,cpu)
 LAUNCHER     ?= python
 NGPU         ?= 1
 PRUNE_METHOD ?= magnitude
@@ -19,6 +21,7 @@ DATA         ?=
 DATA_ARGS    ?=
 PRETRAIN_ARGS ?=
 PRUNE_ARGS   ?=
+CLASSIFY_ARGS ?=
 DISTILL_ARGS ?=
 EVAL_ARGS    ?=
 CONTROLS_ARGS ?=
@@ -61,6 +64,10 @@ else
   $(error LAUNCHER must be python, deepspeed or accelerate, not '$(LAUNCHER)')
 endif
 
+ifeq ($(filter $(TASK),lm classify),)
+  $(error TASK must be lm or classify, not '$(TASK)')
+endif
+
 ifeq ($(filter $(PRUNE_METHOD),magnitude nm structured),)
   $(error PRUNE_METHOD must be magnitude, nm or structured, not '$(PRUNE_METHOD)')
 endif
@@ -79,7 +86,7 @@ $(foreach s,$(FORCED),$(patsubst $(s)=%,%,$(filter $(s)=%,$(STAGE_FILES)))): .FO
 endif
 OVERWRITE = $(if $(filter $(1),$(FORCED)),--overwrite,)
 
-.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help controls
+.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help controls classify
 .DELETE_ON_ERROR:
 
 all: report
@@ -100,8 +107,30 @@ eval: $(R)/05_eval/manifest.json
 report: $(R)/report.md
 
 $(R)/01_data/manifest.json: $(SETUP)
-	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS) $(call OVERWRITE,data)
+	$(PY) scripts/prepare_data.py $(COMMON) --world_size $(NGPU) $(if $(DATA),--data $(DATA),) $(DATA_ARGS)$(if $(filter classify,$(TASK)), --task classify,) $(call OVERWRITE,data)
 
+ifeq ($(TASK),classify)
+# the encoder path: 02 masked-LM pretraining, 02b classification, then 03-05 compress the classifier
+classify: $(R)/02b_classify/manifest.json
+
+$(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
+	$(LAUNCH) scripts/pretrain_encoder.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
+
+$(R)/02b_classify/manifest.json: $(R)/02_pretrain/manifest.json
+	$(LAUNCH) scripts/classify.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(CLASSIFY_ARGS)
+
+$(R)/03_prune/manifest.json: $(R)/02b_classify/manifest.json
+	$(PY) scripts/prune_classifier.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS)
+
+$(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
+	$(LAUNCH) scripts/distill_classifier.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS)
+
+$(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
+	$(PY) scripts/evaluate_classifier.py $(COMMON) $(EVAL_ARGS)
+
+$(R)/report.md: $(R)/05_eval/manifest.json
+	$(PY) scripts/report_classify.py $(COMMON) $(REPORT_ARGS)
+else
 $(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
 	$(LAUNCH) scripts/pretrain.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS) $(call OVERWRITE,pretrain)
 
@@ -125,6 +154,7 @@ $(CONTROL_MANIFESTS): $(R)/06_controls/%/manifest.json: $(R)/04_distill/manifest
 	$(LAUNCH) scripts/controls.py $(COMMON) --control $* --resume auto $(CONTROLS_ARGS)
 
 $(R)/05_eval/manifest.json: $(CONTROL_MANIFESTS)
+endif
 
 tensorboard: $(SETUP)
 	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)

@@ -277,7 +277,7 @@ def parse_cli(cls: type, argv: list[str] | None, stage: str, validate: bool = Tr
     return cfg
 
 
-STAGES = ("data", "pretrain", "prune", "distill", "eval", "report", "controls")
+STAGES = ("data", "pretrain", "prune", "distill", "eval", "report", "controls", "classify")
 
 
 def to_dict(cfg: Any) -> dict:

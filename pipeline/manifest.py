@@ -31,6 +31,7 @@ STAGE_DIRS = {
     "prune": "03_prune",
     "distill": "04_distill",
     "eval": "05_eval",
+    "classify": "02b_classify",  # the encoder path (TASK=classify): fine-tuning after 02_pretrain
 }
 
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "torch-pruning", "tokenizers", "numpy", "tensorboard")

