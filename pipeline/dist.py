@@ -85,3 +85,11 @@ def shutdown() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()  # every rank
         tdist.destroy_process_group()  # every rank
+
+
+def world_size_source(launcher_name: str | None = None) -> str:
+    """Where :func:`world_size` came from, for messages: the variable and the launcher that set it."""
+    name = launcher_name or launcher()
+    if "WORLD_SIZE" not in os.environ or name == "python":
+        return "one process: plain python sets no WORLD_SIZE"
+    return f"WORLD_SIZE={os.environ['WORLD_SIZE']} set by the {name} launcher"

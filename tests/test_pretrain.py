@@ -118,7 +118,7 @@ def test_loss_scale_monitor_stops_with_options():
         m.update(False, 512.0, 4)
     never = LossScaleMonitor(min_loss_scale=None, max_skipped_fraction=0.1, window=2)
     for s in range(5):
-        never.update(False, 1.0, s)  # not fp16: nothing to judge
+        never.update(False, 1.0, s)  # no precision given: the fp16 rules only, nothing to judge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +346,8 @@ def test_checkpoint_of_another_configuration_is_not_resumed_silently(tiny_run, c
     with pytest.raises(TrainingHalted):
         run_stage(results, run, *common, "--halt_after_step", "2")
     with pytest.raises(StageError, match="another configuration.*--overwrite"):
-        run_stage(results, run, *common, "--lr", "1e-4")
+        run_stage(results, run, *common, "--weight_decay", "0.05")  # (a changed --lr alone resumes: item 4)
     out = results / run / "02_pretrain"
     assert (out / "checkpoints" / "step2" / "complete.json").exists()  # nothing lost by the refusal
-    fresh = run_stage(results, run, *common, "--lr", "1e-4", "--overwrite")
+    fresh = run_stage(results, run, *common, "--weight_decay", "0.05", "--overwrite")
     assert fresh["outputs"]["resumed_from"] is None and fresh["metrics"]["steps"] == 4
