@@ -282,10 +282,16 @@ def load(engine, path: str | Path) -> dict:
     path = Path(path)
     check_world_size(path, engine.world_size, engine.config)
     if not (path / MARKER).is_file():  # a universal checkpoint: DeepSpeed reads its files with torch.load itself
-        for f in sorted(path.rglob("*.pt")):
-            integrity.assert_no_unsafe_pickle(f)  # scans the pickle without running it
-    with integrity.deepspeed_safe_loading(engine.ds):  # weights_only=True for DeepSpeed's own loads
-        client_state = engine.load_checkpoint(path.parent, path.name)  # collective: every rank
+        try:
+            for f in sorted(path.rglob("*.pt")):
+                integrity.assert_no_unsafe_pickle(f)  # scans the pickle without running it
+        except integrity.UnsafeFileError as e:
+            raise CheckpointError(str(e)) from None
+    try:
+        with integrity.deepspeed_safe_loading(engine.ds):  # weights_only=True for DeepSpeed's own loads
+            client_state = engine.load_checkpoint(path.parent, path.name)  # collective: every rank
+    except integrity.UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     rng_file = path / RNG_FILE.format(rank=engine.rank)
     if rng_file.is_file():
         integrity.set_rng_state_json(integrity.read_json_state(rng_file))

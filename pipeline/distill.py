@@ -690,7 +690,8 @@ def distill(cfg: DistillConfig) -> dict | None:
                "loss_scale": result.loss_scale, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                "precision": result.precision, "precision_note": result.precision_note, "zero_stage": result.zero_stage,
                "world_size": result.world_size, "launcher": result.launcher, "backend": result.backend,
-               "resumed_from": result.resumed_from, "history": result.history}
+               "resumed_from": result.resumed_from, "lr_changed_from": result.lr_changed_from,
+               "history": result.history}
     config = to_dict(cfg)
     # the student's shape comes from stage 03, not from the (pretraining) model fields of this config
     config["model"] = {"from": str(student_dir), "hidden_size": s_cfg.hidden_size,

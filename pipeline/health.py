@@ -86,13 +86,14 @@ class NonFiniteLossWatch:
         return None
 
     def check(self, step: int, max_fraction: float, precision: str) -> None:
-        """Raise when more than ``max_fraction`` of the considered steps had a non-finite loss.
+        """Raise when more than ``max_fraction`` of the considered steps had a non-finite loss (in fp16: of the
+        whole window, as its overflow rule, so that the loss scaler's own rules speak first).
 
         Raises:
             TrainingHealthError: naming the count, the window and the step.
         """
         bad, n = self.count()
-        if bad and bad > max_fraction * n:
+        if bad and bad > max_fraction * (self.window if precision == "fp16" else n):
             raise TrainingHealthError(advice(
                 f"{bad} of the last {n} steps had a non-finite loss (limit: {max_fraction:g} of them) by step {step}",
                 precision))

@@ -773,7 +773,9 @@ def run_training(
         dist.barrier()  # every rank
     except FP16HealthError as e:
         if rank == 0:
-            since = min(x for x in (monitor.first_skipped(), nonfinite.first_bad(step), step) if x is not None)
+            # a checkpoint holds the weights the *next* step runs on: the one before the first bad step made it
+            first_bad = min(x for x in (monitor.first_skipped(), nonfinite.first_bad(step), step) if x is not None)
+            since = max(first_bad - 1, 1)
             aside = set_aside_unhealthy(ckpt_dir, since, str(e).split(". ")[0])
             if aside:
                 _log(f"checkpoints saved since step {since} set aside as not resumable: "

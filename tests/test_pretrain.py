@@ -298,7 +298,9 @@ def _check_fp16_health_stop(results: Path, run: str, tmp_path: Path, case: str, 
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/skipped_steps" in r]
     assert rows[-1]["train/skipped_steps"] >= 1
     kept = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name[4:]))
-    assert kept and all((p / "complete.json").is_file() for p in kept)
+    # those saved during the overflow storm are set aside as not resumable (issue 15, item 4), none is lost
+    assert kept and all((p / "complete.json").is_file() or (p / "unhealthy.json").is_file() for p in kept)
+    assert (kept[-1] / "unhealthy.json").is_file()
 
 
 @gpu
