@@ -568,7 +568,7 @@ def distill(cfg: DistillConfig) -> dict | None:
     masks_path = Path(prune_m["_dir"]) / masks_rel if masks_rel else None
 
     # -- every check before anything is written ------------------------------------------------
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     problems = []
     for what, d, target in (("teacher", teacher_dir, "pretrain"), ("student", student_dir, "prune")):
@@ -576,6 +576,11 @@ def distill(cfg: DistillConfig) -> dict | None:
             problems.append(f"the {what} model directory {d} has no config.json; re-run `make {target} RUN={cfg.run}`")
     if problems:
         raise StageError("; ".join(problems))
+    from pipeline.manifest import check_same_tokenizer
+
+    check_same_tokenizer({"stage-01": Path(data_m["_dir"]) / data_m["outputs"]["tokenizer_dir"],
+                          "teacher": teacher_dir, "student": student_dir},
+                         f"re-run `make pretrain prune RUN={cfg.run}` so that both come from this run's stage 01")
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     vocab = int(data_m["outputs"]["vocab_size"])
     if t_cfg.vocab_size != s_cfg.vocab_size or s_cfg.vocab_size < vocab:
@@ -586,7 +591,12 @@ def distill(cfg: DistillConfig) -> dict | None:
         raise StageError(f"hidden_mse_weight {cfg.hidden_mse_weight} needs equal widths and depths, but the teacher is "
                          f"{t_cfg.num_hidden_layers}x{t_cfg.hidden_size} and the ({method}) student "
                          f"{s_cfg.num_hidden_layers}x{s_cfg.hidden_size}; pass --hidden_mse_weight 0")
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from pipeline.integrity import ModelFileError, UnsafeFileError, load_causal_lm
+
+    try:
+        student = load_causal_lm(student_dir, dtype=torch.float32, attn_implementation="sdpa")
+    except (ModelFileError, UnsafeFileError) as e:
+        raise StageError(str(e)) from None
     from pipeline.sparsity import load_masks
 
     try:

@@ -236,3 +236,54 @@ def disk_full_message(folder: str | Path, what: str) -> str:
         free = "free space unknown"
     return (f"no space left on device while writing {what} to {folder} ({free}); free space there (or point "
             f"--results_dir at a larger disk, or lower --keep_last) and resume with --resume auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# model folders
+
+
+class ModelFileError(RuntimeError):
+    """A model folder's files disagree (config.json against the weights) or are broken."""
+
+
+def remake_hint(model_dir: str | Path) -> str:
+    """The make target that re-makes a stage's model folder (``results/<run>/<NN_stage>/model``)."""
+    d = Path(model_dir).resolve()
+    stage_dir = d.parent
+    stage = stage_dir.name.split("_", 1)[-1] if "_" in stage_dir.name else None
+    if stage in ("pretrain", "prune", "distill"):
+        return f"re-make it with `make {stage} RUN={stage_dir.parent.name}` (add --overwrite / remove {stage_dir})"
+    return "re-make it with the stage that wrote it"
+
+
+def load_causal_lm(model_dir: str | Path, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)`` with its failures named.
+
+    Raises:
+        UnsafeFileError: a pickle in place of the weights that holds more than tensors (transformers loads ``.bin``
+            files with ``weights_only=True``, so nothing in it ran).
+        ModelFileError: ``config.json`` disagrees with the weights (shapes, missing tensors), or a weights file
+            is truncated; the message names the files and the make target that re-makes the folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    d = Path(model_dir)
+    for f in sorted(d.glob("*.bin")) + sorted(d.glob("*.pt")) + sorted(d.glob("*.pth")):
+        assert_no_unsafe_pickle(f)  # before transformers sees it: the scan runs nothing
+    try:
+        return AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(unsafe_message(d, str(e).splitlines()[0][:200])) from None
+    except (RuntimeError, ValueError, OSError) as e:
+        text = str(e)
+        if "weights only" in text.lower() or "WeightsUnpickler" in text:
+            raise UnsafeFileError(unsafe_message(d, text.splitlines()[0][:200])) from None
+        weights = ", ".join(p.name for p in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin"))) or "none"
+        if "size mismatch" in text or "shape" in text or "mismatch" in text.lower():
+            raise ModelFileError(
+                f"{d / 'config.json'} disagrees with the weights in {d} ({weights}): "
+                f"{' '.join(text.split())[:300]}; {remake_hint(d)}") from None
+        if "header" in text.lower() or "deserializ" in text.lower() or "incomplete" in text.lower():
+            raise ModelFileError(f"the weights in {d} ({weights}) cannot be read (truncated or corrupted: "
+                                 f"{' '.join(text.split())[:200]}); {remake_hint(d)}") from None
+        raise
