@@ -223,7 +223,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     if dist.is_rank0() and (path / MARKER).exists():
         (path / MARKER).unlink()  # re-saving a step: it is incomplete until this save finishes
     dist.barrier()  # every rank
-    client_state = dict(client_state, step=int(step), world_size=engine.world_size)
+    client_state = dict(client_state, step=int(step), world_size=engine.world_size,
+                        # what DeepSpeed's ds_to_universal requires of the client (else: "Required
+                        # universal_checkpoint_info state is missing"); data parallelism only, no patterns
+                        universal_checkpoint_info={"universal_checkpoint_version": 0.4})
     try:
         engine.save_checkpoint(ckpt_dir, tag, client_state)  # collective: every rank
         integrity.write_json_state(path / RNG_FILE.format(rank=engine.rank), integrity.rng_state_json())
@@ -256,9 +259,23 @@ def check_world_size(path: str | Path, world_size: int, ds_config: dict) -> None
     """
     path = Path(path)
     if not (path / MARKER).is_file():
+        if (path / "zero").is_dir() and int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
+            raise CheckpointError(
+                f"{path} is a universal checkpoint and this run uses ZeRO-3: DeepSpeed 0.19.8's ZeRO-3 universal "
+                f"route drops Adam's per-parameter `step` (ds_to_universal's extract_zero_shards_stage3), so the "
+                f"resumed run would train differently from a straight one; resume the original checkpoint with the "
+                f"world size it was written with, or start afresh (--resume none)")
         return  # a universal checkpoint made by ds_to_universal: DeepSpeed loads it at any world size
-    saved_ws = int(json.loads((path / MARKER).read_text())["world_size"])
+    saved = json.loads((path / MARKER).read_text())
+    saved_ws = int(saved["world_size"])
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal", False))
+    if saved_ws != world_size and int(saved.get("zero_stage", 0)) == 3:
+        raise CheckpointError(
+            f"checkpoint {path} is a ZeRO-3 checkpoint written by {saved_ws} rank(s), this run has {world_size}: "
+            f"DeepSpeed's universal route does not resume it exactly (deepspeed 0.19.8: ds_to_universal's "
+            f"extract_zero_shards_stage3 keeps exp_avg, exp_avg_sq and fp32 but not Adam's per-parameter `step`, so "
+            f"the resumed run trains differently from a straight one). Resume with {saved_ws} rank(s), or start "
+            f"afresh at the new world size (--resume none)")
     if saved_ws != world_size and not universal:
         raise CheckpointError(
             f"checkpoint {path} was written by {saved_ws} rank(s), this run has {world_size}: ZeRO shards "

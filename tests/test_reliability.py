@@ -231,3 +231,28 @@ def test_global_batch_never_straddles_an_epoch(n, micro, accum, world):
     for _ in range(4 * n // g + 3):
         b = s.next_global_batch()
         assert len(b) == g and len(set(b)) == g, b  # no block twice in one global batch
+
+
+# 5 -----------------------------------------------------------------------------------------------
+def test_world_size_route_converts_zero2_and_refuses_zero3(tiny_run, clean_env, tmp_path):
+    """The printed ds_to_universal command runs on this project's ZeRO-2 checkpoint as printed (no
+    --inject_missing_state); ZeRO-3 at another world size is refused with the cause named."""
+    import subprocess
+    import sys
+
+    from pipeline import checkpoint as ckpt
+
+    results, run = tiny_run
+    ckpts = _halted_at(results, run, 2, "--max_steps", "4")
+    step2 = ckpts / "step2"
+    with pytest.raises(ckpt.CheckpointError, match=r"`python -m deepspeed.checkpoint.ds_to_universal") as e:
+        ckpt.check_world_size(step2, 2, {})
+    cmd = str(e.value).split("`")[1].split()
+    r = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (Path(f"{step2}_universal") / "zero").is_dir()
+    z3 = tmp_path / "z3" / "step2"
+    z3.mkdir(parents=True)
+    (z3 / "complete.json").write_text(json.dumps({"step": 2, "world_size": 2, "zero_stage": 3}))
+    with pytest.raises(ckpt.CheckpointError, match=r"ZeRO-3 .*Adam's per-parameter `step`"):
+        ckpt.check_world_size(z3, 1, {"checkpoint": {"load_universal": True}})
