@@ -73,7 +73,9 @@ def test_two_ranks_train_and_export(tiny_run, stage, precision, expect):
     assert json.loads((out / "ds_config.resolved.json").read_text())["train_batch_size"] == 8
     ckpt = out / "checkpoints" / "step16"
     assert (ckpt / "complete.json").is_file()
-    assert (ckpt / "rng_state_rank0.pt").is_file() and (ckpt / "rng_state_rank1.pt").is_file()
+    assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
+    files = json.loads((ckpt / "complete.json").read_text())["files"]  # each rank hashed its own files
+    assert {"rng_state_rank0.json", "rng_state_rank1.json"} <= set(files) and any("pp_rank_1_" in f for f in files)
 
     from transformers import AutoModelForCausalLM
 
