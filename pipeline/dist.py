@@ -90,6 +90,8 @@ def shutdown() -> None:
 def world_size_source(launcher_name: str | None = None) -> str:
     """Where :func:`world_size` came from, for messages: the variable and the launcher that set it."""
     name = launcher_name or launcher()
-    if "WORLD_SIZE" not in os.environ or name == "python":
-        return "one process: plain python sets no WORLD_SIZE"
+    if "WORLD_SIZE" not in os.environ:
+        return "one process: no WORLD_SIZE in the environment (plain python)"
+    if name == "python":
+        return f"WORLD_SIZE={os.environ['WORLD_SIZE']} in the environment (no launcher detected)"
     return f"WORLD_SIZE={os.environ['WORLD_SIZE']} set by the {name} launcher"

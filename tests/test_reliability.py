@@ -222,6 +222,15 @@ def test_batch_refusal_names_where_the_world_size_came_from(monkeypatch):
         GlobalBatchSampler(10, 4, 2, 2, 0, seed=0, world_source=dist.world_size_source("torchrun"))
 
 
+    from pipeline.ds_config import DSConfigError, resolve_ds_config
+
+    t = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2_fp16.json").read_text())
+    t["train_batch_size"] = 8
+    with pytest.raises(DSConfigError, match=r"= 4 \(world size from WORLD_SIZE=2 in the environment"):
+        resolve_ds_config(t, micro_batch_size=2, grad_accum=1, world_size=2, lr=1e-3, weight_decay=0.0,
+                          betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, precision="fp32", zero_stage=2)
+
+
 @pytest.mark.parametrize("n,micro,accum,world", [(37, 2, 3, 2), (10, 3, 1, 1), (50, 4, 2, 3)])
 def test_global_batch_never_straddles_an_epoch(n, micro, accum, world):
     from pipeline.sampler import GlobalBatchSampler
