@@ -142,14 +142,19 @@ def verify(path: str | Path) -> list[str]:
         mine = [f"{path / MARKER}: records no file sizes or hashes (made by an older version of the pipeline)"] \
             if dist.is_rank0() else []
     else:
-        names = [n for n in records if file_owner(n) == dist.rank()
-                 or (file_owner(n) >= dist.world_size() and dist.is_rank0())]
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()) and dist.world_size() > 1:
+            names = list(records)  # no process group yet (accelerate makes it later): every rank checks every file
+        else:
+            names = [n for n in records if file_owner(n) == dist.rank()
+                     or (file_owner(n) >= dist.world_size() and dist.is_rank0())]
         mine = integrity.verify_records(path, records, names)
         ws = int(m.get("world_size", 1))
         for r in range(ws):
             if RNG_FILE.format(rank=r) not in records and dist.is_rank0():
                 mine.append(f"{path / RNG_FILE.format(rank=r)}: rank {r}'s RNG state is not in the checkpoint")
-    return [p for part in _gather(mine) for p in part]
+    return sorted({p for part in _gather(mine) for p in part})
 
 
 def find_verified_resume(ckpt_dir: str | Path, resume: str) -> Path | None:

@@ -624,7 +624,11 @@ def distill(cfg: DistillConfig) -> dict | None:
         if read_manifest(out_dir).get("outputs", {}).get("config_hash") != chash:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
-    resuming = ckpt.find_resume(out_dir / "checkpoints", cfg.resume) is not None
+    from pipeline.engine import init_distributed
+
+    init_distributed()  # every rank (run_training's call then finds the group made)
+    # as run_training will decide: the newest checkpoint whose files verify
+    resuming = ckpt.find_verified_resume(out_dir / "checkpoints", cfg.resume) is not None
     tb_dir = cfg.tb_root() / "distill"
 
     # -- state built once the engine exists ----------------------------------------------------
