@@ -264,23 +264,10 @@ def check_world_size(path: str | Path, world_size: int, ds_config: dict) -> None
     """
     path = Path(path)
     if not (path / MARKER).is_file():
-        if (path / "zero").is_dir() and int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
-            raise CheckpointError(
-                f"{path} is a universal checkpoint and this run uses ZeRO-3: DeepSpeed 0.19.8's ZeRO-3 universal "
-                f"route drops Adam's per-parameter `step` (ds_to_universal's extract_zero_shards_stage3), so the "
-                f"resumed run would train differently from a straight one; resume the original checkpoint with the "
-                f"world size it was written with, or start afresh (--resume none)")
         return  # a universal checkpoint made by ds_to_universal: DeepSpeed loads it at any world size
     saved = json.loads((path / MARKER).read_text())
     saved_ws = int(saved["world_size"])
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal", False))
-    if saved_ws != world_size and int(saved.get("zero_stage", 0)) == 3:
-        raise CheckpointError(
-            f"checkpoint {path} is a ZeRO-3 checkpoint written by {saved_ws} rank(s), this run has {world_size}: "
-            f"DeepSpeed's universal route does not resume it exactly (deepspeed 0.19.8: ds_to_universal's "
-            f"extract_zero_shards_stage3 keeps exp_avg, exp_avg_sq and fp32 but not Adam's per-parameter `step`, so "
-            f"the resumed run trains differently from a straight one). Resume with {saved_ws} rank(s), or start "
-            f"afresh at the new world size (--resume none)")
     if saved_ws != world_size and not universal:
         raise CheckpointError(
             f"checkpoint {path} was written by {saved_ws} rank(s), this run has {world_size}: ZeRO shards "
@@ -317,7 +304,10 @@ def load(engine, path: str | Path) -> dict:
     except integrity.UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
     if universal_z3:
-        repair_zero3_universal_load(engine, groups_before)
+        repaired = repair_zero3_universal_load(engine, groups_before)
+        if repaired and dist.is_rank0():
+            print(f"[checkpoint] ZeRO-3 universal load of {path}: repaired {', '.join(repaired)} "
+                  f"(DeepSpeed {_ds_version()})", flush=True)
     rng_file = path / RNG_FILE.format(rank=engine.rank)
     if rng_file.is_file():
         integrity.set_rng_state_json(integrity.read_json_state(rng_file))
@@ -388,3 +378,9 @@ def repair_zero3_universal_load(engine, groups_before: list[dict]) -> list[str]:
                 done.append("shared Adam step")
             seen.add(id(st["step"]))
     return sorted(set(done))
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

@@ -243,25 +243,35 @@ def test_global_batch_never_straddles_an_epoch(n, micro, accum, world):
 
 
 # 5 -----------------------------------------------------------------------------------------------
-def test_world_size_route_converts_zero2_and_refuses_zero3(tiny_run, clean_env, tmp_path):
-    """The printed ds_to_universal command runs on this project's ZeRO-2 checkpoint as printed (no
-    --inject_missing_state); ZeRO-3 at another world size is refused with the cause named."""
+def test_world_size_route_runs_as_printed_and_zero3_universal_resume_equals_straight(tiny_run, clean_env, tmp_path):
+    """The ds_to_universal command the refusal prints runs on this project's checkpoint as printed (no
+    --inject_missing_state); a ZeRO-3 universal resume then trains as the straight run does (DeepSpeed 0.19.8 left
+    the no-decay group with group 0's weight decay and one Adam step counter shared by the sub-groups).  One rank
+    both ways: the 2 -> 1 rank round trip is tests/test_pretrain_dist.py's."""
     import subprocess
     import sys
 
     from pipeline import checkpoint as ckpt
 
     results, run = tiny_run
-    ckpts = _halted_at(results, run, 2, "--max_steps", "4")
-    step2 = ckpts / "step2"
+    shutil.copytree(results / run / "01_data", results / "straight" / "01_data")
+    shutil.copytree(results / run / "01_data", results / "u" / "01_data")
+    args = ["--zero_stage", "3", "--max_steps", "6", "--save_interval", "3", "--eval_interval", "6",
+            "--log_interval", "1", "--keep_last", "0", "--weight_decay", "0.5"]
+    ref = run_stage(results, "straight", *args)
+    with pytest.raises(TrainingHalted):
+        run_stage(results, run, *args, "--halt_after_step", "3")
+    step3 = results / run / "02_pretrain" / "checkpoints" / "step3"
     with pytest.raises(ckpt.CheckpointError, match=r"`python -m deepspeed.checkpoint.ds_to_universal") as e:
-        ckpt.check_world_size(step2, 2, {})
+        ckpt.check_world_size(step3, 2, {})
     cmd = str(e.value).split("`")[1].split()
     r = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (Path(f"{step2}_universal") / "zero").is_dir()
-    z3 = tmp_path / "z3" / "step2"
-    z3.mkdir(parents=True)
-    (z3 / "complete.json").write_text(json.dumps({"step": 2, "world_size": 2, "zero_stage": 3}))
-    with pytest.raises(ckpt.CheckpointError, match=r"ZeRO-3 .*Adam's per-parameter `step`"):
-        ckpt.check_world_size(z3, 1, {"checkpoint": {"load_universal": True}})
+    t = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero3_fp16.json").read_text())
+    t["checkpoint"] = {"load_universal": True}
+    (tmp_path / "uni.json").write_text(json.dumps(t))
+    m = run_stage(results, "u", *args, "--ds_config", str(tmp_path / "uni.json"), "--resume", f"{step3}_universal")
+    a, b = (losses_by_step(results / x / "02_pretrain" / "metrics.jsonl") for x in ("straight", "u"))
+    for s in (4, 5, 6):
+        assert b[s] == pytest.approx(a[s], abs=1e-6), s
+    assert m["metrics"]["val_loss"] == pytest.approx(ref["metrics"]["val_loss"], abs=1e-6)
