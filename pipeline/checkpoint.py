@@ -2,10 +2,13 @@
 
 Layout: ``<stage_dir>/checkpoints/step<N>/`` is one DeepSpeed checkpoint (``engine.save_checkpoint``:
 model, optimizer with its loss scaler, LR schedule, DeepSpeed's step counters, and our ``client_state``:
-step, tokens seen, data position, config hash, world size), plus one ``rng_state_rank<r>.pt`` per rank
-(Python, NumPy, torch and CUDA generators), plus ``complete.json`` written by rank 0 after every rank has
-returned from the save.  A tag without ``complete.json`` was interrupted mid-save: ``--resume auto``
-skips it with a warning and takes the newest complete one.
+step, tokens seen, data position, config hash, world size), plus one ``rng_state_rank<r>.json`` per rank
+(Python, NumPy, torch and CUDA generators, in JSON: nothing of a run folder is unpickled beyond what
+``weights_only=True`` allows), plus ``complete.json`` written by rank 0 after every rank has returned from the
+save.  The marker records every file's size and sha256 (each rank hashes the files it wrote).  A tag without
+``complete.json`` was interrupted mid-save; one whose files do not match their records was truncated or changed:
+``--resume auto`` skips either with a warning naming the file and takes the newest checkpoint that verifies.
+DeepSpeed's files are loaded only after they verify, and through :func:`pipeline.integrity.safe_torch_load`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import dist
+from pipeline import dist, integrity
 from pipeline.manifest import atomic_write_json
 
 MARKER = "complete.json"
@@ -77,6 +80,11 @@ def find_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
         newest = _step_of(complete[-1].name) if complete else -1
         for p in incomplete:
             if _step_of(p.name) > newest:
+                if (p / "unhealthy.json").is_file():  # set aside by a health stop (pipeline.health)
+                    why = json.loads((p / "unhealthy.json").read_text()).get("cause", "")
+                    warnings.warn(f"checkpoint {p} was saved while the run was unhealthy ({why}); skipping it",
+                                  stacklevel=2)
+                    continue
                 warnings.warn(f"checkpoint {p} is incomplete (no {MARKER}: interrupted while saving?); skipping it",
                               stacklevel=2)
         return complete[-1] if complete else None
@@ -88,6 +96,107 @@ def find_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
         raise CheckpointError(f"--resume {resume}: the checkpoint is incomplete (no {MARKER}: interrupted while "
                               f"saving?); pick an older checkpoint or use --resume auto")
     return p
+
+
+RNG_FILE = "rng_state_rank{rank}.json"
+_RANK_OF = (re.compile(r"pp_rank_(\d+)_"), re.compile(r"^rng_state_rank(\d+)\."))
+
+
+def file_owner(name: str) -> int:
+    """The rank that writes checkpoint file ``name``: ZeRO's ``*pp_rank_<r>_*`` and our ``rng_state_rank<r>.*``
+    name it; DeepSpeed's other files (``mp_rank_00_model_states.pt``) are written by rank 0."""
+    for pat in _RANK_OF:
+        m = pat.search(name)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
+def _gather(obj):
+    """Every rank's ``obj`` (a list in rank order); ``[obj]`` without a process group.  Every rank must call it."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        out = [None] * tdist.get_world_size()
+        tdist.all_gather_object(out, obj)  # collective: every rank
+        return out
+    return [obj]
+
+
+def _own_records(path: Path, rank: int) -> dict[str, dict]:
+    return {p.name: integrity.file_record(p) for p in sorted(path.iterdir())
+            if p.is_file() and p.name != MARKER and file_owner(p.name) == rank}
+
+
+def verify(path: str | Path) -> list[str]:
+    """Problems of checkpoint ``path`` against its marker's file records (empty: it verifies).
+
+    Each rank checks the files it wrote (:func:`file_owner`); the answers are gathered, so every rank gets the
+    same list.  A marker without records (written before they existed) gives one problem saying so.  Every rank
+    must call this.
+    """
+    path = Path(path)
+    m = marker(path)
+    records = m.get("files")
+    if records is None:
+        mine = [f"{path / MARKER}: records no file sizes or hashes (made by an older version of the pipeline)"] \
+            if dist.is_rank0() else []
+    else:
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()) and dist.world_size() > 1:
+            names = list(records)  # no process group yet (accelerate makes it later): every rank checks every file
+        else:
+            names = [n for n in records if file_owner(n) == dist.rank()
+                     or (file_owner(n) >= dist.world_size() and dist.is_rank0())]
+        mine = integrity.verify_records(path, records, names)
+        ws = int(m.get("world_size", 1))
+        for r in range(ws):
+            if RNG_FILE.format(rank=r) not in records and dist.is_rank0():
+                mine.append(f"{path / RNG_FILE.format(rank=r)}: rank {r}'s RNG state is not in the checkpoint")
+    return sorted({p for part in _gather(mine) for p in part})
+
+
+def find_verified_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
+    """:func:`find_resume`, then verification: the newest complete checkpoint whose files verify.
+
+    With ``resume="auto"`` a checkpoint that fails :func:`verify` is skipped with a warning naming the file, and
+    the next older complete one is tried.  Every rank must call this.
+
+    Raises:
+        CheckpointError: when an explicit checkpoint directory does not verify (naming the file).
+    """
+    first = find_resume(ckpt_dir, resume)
+    if first is None:
+        return None
+    if resume != "auto":
+        if not (first / MARKER).is_file():
+            return first  # a universal checkpoint: checked file by file before DeepSpeed loads it (load)
+        problems = verify(first)
+        if problems and not _legacy_ok(problems):
+            raise CheckpointError(f"--resume {resume}: the checkpoint does not verify: {problems[0]}"
+                                  + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                  + "; pick an older checkpoint or use --resume auto")
+        return first
+    complete, _ = list_checkpoints(ckpt_dir)
+    for p in reversed(complete):
+        problems = verify(p)
+        if not problems or _legacy_ok(problems):
+            return p
+        if dist.is_rank0():
+            warnings.warn(f"checkpoint {p} does not verify, skipping it: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), stacklevel=2)
+    return None
+
+
+def _legacy_ok(problems: list[str]) -> bool:
+    """A checkpoint of an older version (no records): warned about, then loaded through the safe loader only."""
+    if len(problems) == 1 and "older version" in problems[0]:
+        if dist.is_rank0():
+            warnings.warn(f"{problems[0]}: it is not verified; its files are loaded with weights_only=True only",
+                          stacklevel=3)
+        return True
+    return False
 
 
 def rng_state() -> dict:
@@ -119,14 +228,26 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     if dist.is_rank0() and (path / MARKER).exists():
         (path / MARKER).unlink()  # re-saving a step: it is incomplete until this save finishes
     dist.barrier()  # every rank
-    client_state = dict(client_state, step=int(step), world_size=engine.world_size)
-    engine.save_checkpoint(ckpt_dir, tag, client_state)  # collective: every rank
-    torch.save(rng_state(), path / f"rng_state_rank{engine.rank}.pt")
+    client_state = dict(client_state, step=int(step), world_size=engine.world_size,
+                        # what DeepSpeed's ds_to_universal requires of the client (else: "Required
+                        # universal_checkpoint_info state is missing"); data parallelism only, no patterns
+                        universal_checkpoint_info={"universal_checkpoint_version": 0.4})
+    try:
+        engine.save_checkpoint(ckpt_dir, tag, client_state)  # collective: every rank
+        integrity.write_json_state(path / RNG_FILE.format(rank=engine.rank), integrity.rng_state_json())
+    except (RuntimeError, OSError) as e:
+        if integrity.is_disk_full(e, path):
+            raise CheckpointError(integrity.disk_full_message(path, f"checkpoint {tag}")) from e
+        raise
     dist.barrier()  # every rank: all shards and RNG files are on disk
+    records = _gather(_own_records(path, engine.rank))  # collective: each rank hashes the files it wrote
     if dist.is_rank0():
+        files = {k: v for part in records for k, v in part.items()}
         atomic_write_json(path / MARKER, {"step": int(step), "world_size": engine.world_size,
                                           "zero_stage": engine.zero_stage, "precision": engine.precision,
-                                          "config_hash": client_state.get("config_hash")})
+                                          "config_hash": client_state.get("config_hash"),
+                                          "lr": client_state.get("lr"), "health": client_state.get("health"),
+                                          "files": files})
         complete, _ = list_checkpoints(ckpt_dir)
         if keep_last > 0:
             for old in complete[:-keep_last]:
@@ -144,7 +265,8 @@ def check_world_size(path: str | Path, world_size: int, ds_config: dict) -> None
     path = Path(path)
     if not (path / MARKER).is_file():
         return  # a universal checkpoint made by ds_to_universal: DeepSpeed loads it at any world size
-    saved_ws = int(json.loads((path / MARKER).read_text())["world_size"])
+    saved = json.loads((path / MARKER).read_text())
+    saved_ws = int(saved["world_size"])
     universal = bool((ds_config.get("checkpoint") or {}).get("load_universal", False))
     if saved_ws != world_size and not universal:
         raise CheckpointError(
@@ -168,8 +290,97 @@ def load(engine, path: str | Path) -> dict:
     """
     path = Path(path)
     check_world_size(path, engine.world_size, engine.config)
-    client_state = engine.load_checkpoint(path.parent, path.name)  # collective: every rank
-    rng_file = path / f"rng_state_rank{engine.rank}.pt"
+    if not (path / MARKER).is_file():  # a universal checkpoint: DeepSpeed reads its files with torch.load itself
+        try:
+            for f in sorted(path.rglob("*.pt")):
+                integrity.assert_no_unsafe_pickle(f)  # scans the pickle without running it
+        except integrity.UnsafeFileError as e:
+            raise CheckpointError(str(e)) from None
+    universal_z3 = not (path / MARKER).is_file() and (path / "zero").is_dir() and engine.zero_stage == 3
+    groups_before = _group_hyperparameters(engine) if universal_z3 else None
+    try:
+        with integrity.deepspeed_safe_loading(engine.ds):  # weights_only=True for DeepSpeed's own loads
+            client_state = engine.load_checkpoint(path.parent, path.name)  # collective: every rank
+    except integrity.UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    if universal_z3:
+        repaired = repair_zero3_universal_load(engine, groups_before)
+        if repaired and dist.is_rank0():
+            print(f"[checkpoint] ZeRO-3 universal load of {path}: repaired {', '.join(repaired)} "
+                  f"(DeepSpeed {_ds_version()})", flush=True)
+    rng_file = path / RNG_FILE.format(rank=engine.rank)
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        integrity.set_rng_state_json(integrity.read_json_state(rng_file))
+    elif (path / MARKER).is_file() and int(marker(path).get("world_size", 0)) == engine.world_size:
+        old = path / f"rng_state_rank{engine.rank}.pt"
+        what = f"{old.name} is a pickle of an older version, not loaded" if old.is_file() else "missing"
+        warnings.warn(f"checkpoint {path}: rank {engine.rank}'s RNG state {rng_file.name} is {what}; "
+                      f"this rank's random generators are not restored (dropout and sampling differ from an "
+                      f"uninterrupted run)", stacklevel=2)
     return client_state
+
+
+def override_peak_lr(engine, lr: float) -> None:
+    """After a resume: make ``lr`` the schedule's peak LR instead of the checkpoint's (``--lr`` changed on resume).
+
+    The LR schedule (``LambdaLR``) restored its ``base_lrs`` from the checkpoint; they, the param groups'
+    ``initial_lr`` and the LR of the step to come are set from ``lr`` and the schedule's multiplier at its step.
+    Every rank must call this (no communication)."""
+    sched = engine.ds.lr_scheduler
+    if sched is None:
+        return
+    sched.base_lrs = [float(lr) for _ in sched.base_lrs]
+    mults = [f(sched.last_epoch) for f in sched.lr_lambdas]
+    for group, mult in zip(sched.optimizer.param_groups, mults):
+        group["initial_lr"] = float(lr)
+        group["lr"] = float(lr) * mult
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+_GROUP_KEEP = ("params", "lr", "initial_lr", "step")
+
+
+def _torch_optimizer(engine):
+    opt = engine.ds.optimizer
+    return getattr(opt, "optimizer", opt)  # ZeRO's wrapper holds the torch optimizer
+
+
+def _group_hyperparameters(engine) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in _GROUP_KEEP} for g in _torch_optimizer(engine).param_groups]
+
+
+def repair_zero3_universal_load(engine, groups_before: list[dict]) -> list[str]:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (``DeepSpeedZeroOptimizer_Stage3.
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3``); returns what was repaired (for the log).
+
+    1. It copies param group 0's hyperparameters into every group: the no-decay group (norms, biases) gets the
+       matrices' ``weight_decay``.  The groups' own values, from this run's configuration (which the checkpoint's
+       config hash matches), are put back.
+    2. It assigns one and the same ``step`` tensor to every sub-group's Adam state; ``torch.optim.Adam(W)``
+       increments each state's ``step`` in place, so the shared counter advances once per sub-group and every
+       step's bias correction is wrong.  Each state gets its own copy.
+
+    Both are no-ops where DeepSpeed already does it right.  Every rank must call this (no communication).
+    """
+    opt = _torch_optimizer(engine)
+    done = []
+    for g, before in zip(opt.param_groups, groups_before):
+        changed = {k: (g.get(k), v) for k, v in before.items() if g.get(k) != v}
+        if changed:
+            g.update(before)
+            done.append(f"param group hyperparameters {sorted(changed)}")
+    seen: set[int] = set()
+    for st in opt.state.values():
+        step = st.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                st["step"] = step.clone()
+                done.append("shared Adam step")
+            seen.add(id(st["step"]))
+    return sorted(set(done))
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

@@ -175,3 +175,13 @@ def quiet_known_warnings() -> None:
     ``torch.distributed.all_gather_into_tensor``, which DeepSpeed 0.19.8 still calls (its own code, not ours)."""
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+
+
+def world_size_source(launcher_name: str | None = None) -> str:
+    """Where :func:`world_size` came from, for messages: the variable and the launcher that set it."""
+    name = launcher_name or launcher()
+    if "WORLD_SIZE" not in os.environ:
+        return "one process: no WORLD_SIZE in the environment (plain python)"
+    if name == "python":
+        return f"WORLD_SIZE={os.environ['WORLD_SIZE']} in the environment (no launcher detected)"
+    return f"WORLD_SIZE={os.environ['WORLD_SIZE']} set by the {name} launcher"

@@ -582,7 +582,7 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
     masks_path = Path(prune_m["_dir"]) / masks_rel if masks_rel else None
 
     # -- every check before anything is written ------------------------------------------------
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     problems = []
     for what, d, target in (("teacher", teacher_dir, "pretrain"), ("student", student_dir, "prune")):
@@ -590,6 +590,11 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
             problems.append(f"the {what} model directory {d} has no config.json; re-run `make {target} RUN={cfg.run}`")
     if problems:
         raise StageError("; ".join(problems))
+    from pipeline.manifest import check_same_tokenizer
+
+    check_same_tokenizer({"stage-01": Path(data_m["_dir"]) / data_m["outputs"]["tokenizer_dir"],
+                          "teacher": teacher_dir, "student": student_dir},
+                         f"re-run `make pretrain prune RUN={cfg.run}` so that both come from this run's stage 01")
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     vocab = int(data_m["outputs"]["vocab_size"])
     if t_cfg.vocab_size != s_cfg.vocab_size or s_cfg.vocab_size < vocab:
@@ -600,7 +605,12 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         raise StageError(f"hidden_mse_weight {cfg.hidden_mse_weight} needs equal widths and depths, but the teacher is "
                          f"{t_cfg.num_hidden_layers}x{t_cfg.hidden_size} and the ({method}) student "
                          f"{s_cfg.num_hidden_layers}x{s_cfg.hidden_size}; pass --hidden_mse_weight 0")
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from pipeline.integrity import ModelFileError, UnsafeFileError, load_causal_lm
+
+    try:
+        student = load_causal_lm(student_dir, dtype=torch.float32, attn_implementation="sdpa")
+    except (ModelFileError, UnsafeFileError) as e:
+        raise StageError(str(e)) from None
     from pipeline.sparsity import load_masks
 
     try:
@@ -628,7 +638,11 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         if read_manifest(out_dir).get("outputs", {}).get("config_hash") != chash:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
-    resuming = ckpt.find_resume(out_dir / "checkpoints", cfg.resume) is not None
+    from pipeline.engine import init_distributed
+
+    init_distributed()  # every rank (run_training's call then finds the group made)
+    # as run_training will decide: the newest checkpoint whose files verify
+    resuming = ckpt.find_verified_resume(out_dir / "checkpoints", cfg.resume) is not None
     tb_dir = cfg.tb_root() / tb_name
 
     # -- state built once the engine exists ----------------------------------------------------
@@ -711,7 +725,8 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
                "loss_scale": result.loss_scale, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                "precision": result.precision, "precision_note": result.precision_note, "zero_stage": result.zero_stage,
                "world_size": result.world_size, "launcher": result.launcher, "backend": result.backend,
-               "resumed_from": result.resumed_from, "history": result.history,
+               "resumed_from": result.resumed_from, "lr_changed_from": result.lr_changed_from,
+               "history": result.history,
                # what the student cost, the teacher's pretraining included (pipeline.budget), and its data regime
                "budget": training_budget(result.steps, result.tokens_seen, t_train, result.world_size, device_type(),
                                          parent=budget_of(pre_m), parent_name="pretrain"),

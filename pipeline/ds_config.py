@@ -418,8 +418,8 @@ def resolve_ds_config(
         elif have != total:
             problems.append(
                 f"'train_batch_size' is {have!r} but micro_batch_size ({micro_batch_size}) x grad_accum "
-                f"({grad_accum}) x world_size ({world_size}) = {total}; set it to \"auto\" or change one "
-                "of the three factors")
+                f"({grad_accum}) x world_size ({world_size}) = {total} (world size from {_world_source()}); set "
+                "it to \"auto\" or change one of the three factors")
     if "grad_clip" not in bad:
         _fill(cfg, "gradient_clipping", grad_clip, "gradient_clipping", "grad_clip", problems)
 
@@ -604,3 +604,9 @@ def template_from_env(default: str | Path | None = None) -> str | Path | None:
     """
     v = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     return v if v and v != "none" else default
+
+
+def _world_source() -> str:
+    from pipeline import dist
+
+    return dist.world_size_source()

@@ -217,8 +217,68 @@ def require_stage(run_dir: str | Path, stage: str, run: str | None = None, prese
             f"stage '{stage}': {m} has schema version {manifest.get('schema_version')} "
             f"(expected {SCHEMA_VERSION}) or is not complete; {fix}"
         )
+    check_lineage(run_dir, stage, manifest, target)
     manifest["_dir"] = str(d)
     return manifest
+
+
+def check_lineage(run_dir: str | Path, stage: str, manifest: dict, target: str | None = None) -> None:
+    """Refuse a stage output made from other upstream outputs than the run's current ones.
+
+    Every upstream stage a manifest records (``inputs``: name -> the sha256 of its manifest when this stage ran)
+    is compared with that stage's manifest in ``run_dir`` now.  A stage made before its upstream was re-made (or
+    copied from another run) is stale: reading it would pair, say, an old model with new tokens.
+
+    Raises:
+        StageError: naming the stale stage, the upstream that changed, both hashes and the make target.
+    """
+    d = stage_dir(run_dir, stage)
+    target = target or f"make {stage} RUN={Path(run_dir).name}"
+    for name, rec in (manifest.get("inputs") or {}).items():
+        if name not in STAGE_DIRS or not isinstance(rec, dict) or not rec.get("manifest_sha256"):
+            continue
+        up = stage_dir(run_dir, name) / MANIFEST
+        now = file_sha256(up) if up.is_file() else None
+        if now != rec["manifest_sha256"]:
+            state = f"now {now[:12]}" if now else "now missing"
+            raise StageError(
+                f"stage '{stage}' ({d.name}) is stale: it was made from another {STAGE_DIRS[name]} (its manifest "
+                f"recorded {STAGE_DIRS[name]}/{MANIFEST} sha256 {rec['manifest_sha256'][:12]}, {state}); re-run "
+                f"`{target}` so that it reads this run's {STAGE_DIRS[name]}")
+
+
+def tokenizer_fingerprint(folder: str | Path) -> str | None:
+    """sha256 of what makes a tokenizer tokenize: ``tokenizer.json``'s model (vocabulary, merges), normalizer,
+    pre-tokenizer and added tokens, in canonical JSON (``None`` when the folder has no ``tokenizer.json``).
+    Equal for a tokenizer and its ``save_pretrained`` copy, unlike the files' bytes."""
+    p = Path(folder) / "tokenizer.json"
+    if not p.is_file():
+        return None
+    t = json.loads(p.read_text())
+    core = {k: t.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_tokenizer(folders: dict[str, str | Path], fix: str) -> None:
+    """Refuse models whose tokenizers differ (same vocabulary size or not): a model scored or distilled with
+    another tokenizer's ids reads other words.
+
+    Args:
+        folders: what -> folder holding a ``tokenizer.json`` (the first is the reference, e.g. stage 01's).
+        fix: the command that re-makes the odd one out.
+
+    Raises:
+        StageError: naming the two folders whose tokenizers differ.
+    """
+    items = [(k, Path(v), tokenizer_fingerprint(v)) for k, v in folders.items()]
+    items = [x for x in items if x[2] is not None]
+    if not items:
+        return
+    ref_name, ref_dir, ref = items[0]
+    for name, folder, fp in items[1:]:
+        if fp != ref:
+            raise StageError(f"the {name} tokenizer ({folder}/tokenizer.json) differs from the {ref_name} tokenizer "
+                             f"({ref_dir}/tokenizer.json): its token ids mean other text; {fix}")
 
 
 def prepare_output_dir(out_dir: str | Path, config_hash: str, overwrite: bool, stage: str) -> None:

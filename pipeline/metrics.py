@@ -22,9 +22,12 @@ class MetricsLogger:
     Args:
         jsonl_path: the stage's ``metrics.jsonl`` (appended to, so a resumed run continues it).
         tb_dir: TensorBoard log directory (``results/<run>/tb/<stage>``); ``None`` for none.
+        purge_step: on resume, the first step to be logged again: TensorBoard hides the folder's earlier events at
+            steps ``>= purge_step`` (``SummaryWriter(purge_step=...)``), so a replayed step shows once.
     """
 
-    def __init__(self, jsonl_path: str | Path, tb_dir: str | Path | None = None, enabled: bool | None = None):
+    def __init__(self, jsonl_path: str | Path, tb_dir: str | Path | None = None, enabled: bool | None = None,
+                 purge_step: int | None = None):
         self.enabled = dist.is_rank0() if enabled is None else enabled
         self._jsonl = None
         self._tb = None
@@ -35,7 +38,8 @@ class MetricsLogger:
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(tb_dir))
+            # purge_step: TensorBoard discards this folder's events at steps >= it (a resume replays them)
+            self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record scalar ``values`` (name -> number) at ``step``; non-finite numbers are kept in JSON as strings."""

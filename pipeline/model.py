@@ -125,13 +125,17 @@ def load_model(model_dir: str | Path, vocab_size: int | None = None):
         ValueError: when the directory holds no model, or its vocabulary differs from ``vocab_size``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise ValueError(f"--init_from {d}: no Hugging Face model there (config.json missing); pass a model "
                          f"directory such as results/<run>/02_pretrain/model")
-    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
+    from pipeline.integrity import ModelFileError, UnsafeFileError, load_causal_lm
+
+    try:
+        model = load_causal_lm(d, attn_implementation="sdpa", dtype=torch.float32)
+    except (ModelFileError, UnsafeFileError) as e:
+        raise ValueError(f"--init_from {d}: {e}") from None
     if vocab_size is not None and model.config.vocab_size != vocab_size:
         raise ValueError(f"--init_from {d}: the model's vocabulary ({model.config.vocab_size}) differs from the "
                          f"stage-01 tokenizer's ({vocab_size}); use a model trained on this run's data")

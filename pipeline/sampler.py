@@ -1,7 +1,8 @@
 """Data order for data-parallel training: deterministic, disjoint across ranks, resumable.
 
 The training stream is the concatenation of per-epoch permutations of the block indices
-``perm(seed, 0) ++ perm(seed, 1) ++ ...``; each permutation is a function of ``(seed, epoch)`` alone
+``perm(seed, 0) ++ perm(seed, 1) ++ ...``, each cut to a whole number of global batches (a batch never
+straddles two epochs, so it never holds a block twice); each permutation is a function of ``(seed, epoch)`` alone
 (``torch.randperm`` with its own generator), so every epoch is reshuffled and every rank computes the
 same stream without communicating.  An optimizer step consumes the next *global batch* of
 ``G = micro_batch × grad_accum × world_size`` indices of the stream; micro step ``k`` of rank ``r``
@@ -40,7 +41,7 @@ class GlobalBatchSampler:
     """
 
     def __init__(self, n_samples: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int):
+                 seed: int, world_source: str | None = None):
         if micro_batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler arguments: micro_batch_size={micro_batch_size}, grad_accum={grad_accum}, "
                              f"world_size={world_size}, rank={rank}")
@@ -54,8 +55,9 @@ class GlobalBatchSampler:
         if self.n < self.global_batch:
             raise ValueError(
                 f"the training split has {self.n} blocks, fewer than one global batch of {self.global_batch} "
-                f"(micro_batch_size {self.micro} x grad_accum {self.accum} x world_size {self.world}); lower "
-                f"--micro_batch_size/--grad_accum, use fewer ranks, or add data")
+                f"(micro_batch_size {self.micro} x grad_accum {self.accum} x world_size {self.world}"
+                + (f"; world size from {world_source}" if world_source else "") + "); lower "
+                "--micro_batch_size/--grad_accum, use fewer ranks, or add data")
         self.epoch = 0
         self.offset = 0  # next unread position inside epoch `self.epoch`'s permutation
         self._perm: torch.Tensor | None = None
@@ -68,16 +70,20 @@ class GlobalBatchSampler:
         return self._perm
 
     def next_global_batch(self) -> list[int]:
-        """The next ``G`` indices of the stream (all ranks' samples), advancing the position."""
-        out: list[int] = []
-        while len(out) < self.global_batch:
-            perm = self._perm_of(self.epoch)
-            take = min(self.global_batch - len(out), self.n - self.offset)
-            out.extend(perm[self.offset : self.offset + take].tolist())
-            self.offset += take
-            if self.offset == self.n:
-                self.epoch += 1
-                self.offset = 0
+        """The next ``G`` indices of the stream (all ranks' samples), advancing the position.
+
+        A global batch never straddles an epoch boundary (it could then hold one block twice): when fewer than
+        ``G`` indices are left in an epoch's permutation, they are dropped and the batch is the next epoch's first
+        ``G`` (the tail differs every epoch, since each is reshuffled; PyTorch's ``drop_last`` per epoch)."""
+        if self.n - self.offset < self.global_batch:
+            self.epoch += 1
+            self.offset = 0
+        perm = self._perm_of(self.epoch)
+        out = perm[self.offset : self.offset + self.global_batch].tolist()
+        self.offset += self.global_batch
+        if self.n - self.offset < self.global_batch:  # the rest of this epoch cannot fill a batch: next epoch
+            self.epoch += 1
+            self.offset = 0
         return out
 
     def rank_micro_batches(self, global_batch: list[int]) -> list[list[int]]:
@@ -91,8 +97,8 @@ class GlobalBatchSampler:
 
     @property
     def samples_seen(self) -> int:
-        """Samples consumed from the stream so far, all ranks together."""
-        return self.epoch * self.n + self.offset
+        """Samples consumed from the stream so far, all ranks together (each epoch uses ``n - n % G`` of them)."""
+        return self.epoch * (self.n - self.n % self.global_batch) + self.offset
 
     def state_dict(self) -> dict:
         """Position in the stream and what defines the stream (for the checkpoint)."""

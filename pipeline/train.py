@@ -29,6 +29,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import dist
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
 from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
+from pipeline.health import set_aside_unhealthy
 from pipeline.manifest import read_manifest
 from pipeline.metrics import MetricsLogger
 from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
@@ -40,6 +41,9 @@ from pipeline.tokens import BlockDataset, load_tokens
 # settings that do not change what is computed (beyond rounding): a checkpoint resumes across them
 RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks", "defer_overflow",
                "watchdog_s")
+#: settings a checkpoint resumes across although they change what is computed from there on; the change is
+#: applied on resume and recorded (the fp16/health stops advise a lower --lr, then --resume auto)
+RESUMABLE_CHANGES = ("lr",)
 
 
 class TrainingHalted(RuntimeError):
@@ -95,7 +99,9 @@ class TrainConfig(CommonConfig):
                             "stderr, again every as many seconds (0: off).", 0.0)
 
     def validate(self) -> list[str]:
-        p = self.model.validate()
+        from pipeline.health import nonfinite_settings
+
+        p = self.model.validate() + nonfinite_settings(self)  # inf/NaN in any float setting (lr, temperature...)
         for name in ("micro_batch_size", "grad_accum", "max_steps", "eval_interval", "save_interval", "log_interval",
                      "skip_window"):
             if getattr(self, name) < 1:
@@ -297,6 +303,50 @@ def data_identity(data_dir: str | Path) -> str:
                        m["metrics"].get("train_tokens"), m["metrics"].get("val_tokens")])
 
 
+def resume_step_of(path: str | Path) -> int:
+    """The optimizer step a checkpoint directory was saved at (its marker's, else its ``step<N>`` name; a universal
+    folder ``step<N>_universal`` counts as step N)."""
+    m = ckpt.marker(path)
+    if "step" in m:
+        return int(m["step"])
+    import re
+
+    found = re.search(r"step(\d+)", Path(path).name)
+    return int(found.group(1)) if found else 0
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the rows of a ``metrics.jsonl`` logged after ``step`` (a resume replays them); returns rows dropped.
+    Rank 0 only.  A row that is not JSON (a line cut by a kill) is dropped too."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in p.read_text().splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(f"{x}\n" for x in keep))
+        tmp.replace(p)
+    return dropped
+
+
+def _logged(path: Path, step: int, name: str) -> bool:
+    from pipeline.metrics import read_metrics
+
+    try:
+        return any(r.get("step") == step and name in r for r in read_metrics(path))
+    except (OSError, ValueError):
+        return False
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as tdist
 
@@ -381,20 +431,40 @@ class LossScaleMonitor:
         window: number of most recent optimizer steps considered.
     """
 
-    def __init__(self, min_loss_scale: float | None, max_skipped_fraction: float, window: int):
+    def __init__(self, min_loss_scale: float | None, max_skipped_fraction: float, window: int,
+                 precision: str | None = None):
         self.min_loss_scale = min_loss_scale
         self.max_skipped = max_skipped_fraction * window
+        self.max_skipped_fraction = max_skipped_fraction
         self.window = window
         self.recent: deque[int] = deque(maxlen=window)
+        self.recent_steps: deque[int] = deque(maxlen=window)
+        # outside fp16 (precision given) a skipped step is never normal: judged over the steps seen so far
+        self.precision = precision
+
+    def first_skipped(self) -> int | None:
+        """The earliest skipped step of the window (where the trouble the stop judges began)."""
+        return next((s for s, bad in zip(self.recent_steps, self.recent) if bad), None)
 
     def update(self, applied: bool, loss_scale: float, step: int) -> None:
         """Record one optimizer step (``applied`` False: skipped on overflow, ``loss_scale`` after it).
 
         Raises:
             FP16HealthError: naming the cause and the options (bf16, a lower LR, a lower min_loss_scale).
+            TrainingHealthError: outside fp16, when more than ``max_skipped_fraction`` of the steps of the window
+                seen so far were skipped (non-finite gradients).
         """
         self.recent.append(0 if applied else 1)
-        if applied or self.min_loss_scale is None:
+        self.recent_steps.append(int(step))
+        if applied:
+            return
+        if self.min_loss_scale is None:
+            if self.precision is not None and sum(self.recent) > self.max_skipped_fraction * len(self.recent):
+                from pipeline.health import TrainingHealthError, advice
+
+                raise TrainingHealthError(advice(
+                    f"{sum(self.recent)} of the last {len(self.recent)} steps were skipped (non-finite gradients; "
+                    f"limit: {self.max_skipped_fraction:g} of them) by step {step}", self.precision))
             return
         if loss_scale <= self.min_loss_scale:
             raise FP16HealthError(fp16_advice(
@@ -430,6 +500,7 @@ class TrainResult:
     history: dict[str, list] = field(default_factory=dict)
     regime: dict[str, Any] = field(default_factory=dict)  # pipeline.regime: tokens per parameter, epochs, gap
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's extra figures (eval_fn)
+    lr_changed_from: float | None = None  # the checkpoint's --lr when this run resumed it with another
 
 
 def _log(msg: str) -> None:
@@ -503,14 +574,15 @@ def run_training(
     template = template_from_env(cfg.ds_config) if launcher == "accelerate" else cfg.ds_config
     # the resolved file shows what DeepSpeed gets: adapted to the device (torch AdamW and no DeepCompile off CUDA)
     resolved = adapt_to_device(resolve_run_ds_config(cfg, template, world, precision), dev_type)
-    sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed)
+    sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed,
+                                 world_source=dist.world_size_source(launcher))
     if len(data.val) < 1:
         raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a larger "
                          f"--val_fraction")
     ckpt_dir = out_dir / "checkpoints"
-    resume_path = ckpt.find_resume(ckpt_dir, cfg.resume)
+    resume_path = ckpt.find_verified_resume(ckpt_dir, cfg.resume)  # every rank; files checked against their hashes
     # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg, ignore=RUN_CONTROL + RESUMABLE_CHANGES)
     chash = hashlib.sha256(f"{chash}:{data_identity(data.data_dir)}".encode()).hexdigest()[:16]
     if resume_path is not None and cfg.resume == "auto":
         saved = ckpt.marker(resume_path).get("config_hash")
@@ -534,6 +606,8 @@ def run_training(
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             if tb_dir is not None:
                 shutil.rmtree(tb_dir, ignore_errors=True)
+        else:  # rows past the resumed step are replayed: drop them (TensorBoard: purge_step below)
+            truncate_metrics(out_dir / "metrics.jsonl", resume_step_of(resume_path))
     resolved_path = write_resolved(resolved, out_dir) if rank == 0 else out_dir / "ds_config.resolved.json"
     if note:
         _log(note)
@@ -558,10 +632,16 @@ def run_training(
         on_engine(engine)
 
     step, tokens_seen = 0, 0
+    lr_changed_from = None
     if resume_path is not None:
         state = ckpt.load(engine, resume_path)  # every rank
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         sampler.load_state_dict(state["sampler"])
+        saved_lr = state.get("lr")
+        if saved_lr is not None and float(saved_lr) != cfg.lr:
+            ckpt.override_peak_lr(engine, cfg.lr)
+            lr_changed_from = float(saved_lr)
+            _log(f"resuming with --lr {cfg.lr:g} instead of the checkpoint's {saved_lr:g} (recorded in the manifest)")
         if state.get("config_hash") not in (None, chash):
             _log(f"warning: resuming a checkpoint made with config {state.get('config_hash')} (this run: {chash})")
         if restore_hook is not None:
@@ -571,11 +651,14 @@ def run_training(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
-    logger = MetricsLogger(out_dir / "metrics.jsonl", tb_dir)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", tb_dir, purge_step=step + 1 if resume_path else None)
     global_tokens = sampler.global_batch * data.seq_len
     eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     monitor = LossScaleMonitor(engine.min_loss_scale if precision == "fp16" else None, cfg.max_skipped_fraction,
-                               cfg.skip_window)
+                               cfg.skip_window, precision=None if precision == "fp16" else precision)
+    from pipeline.health import NonFiniteLossWatch
+
+    nonfinite = NonFiniteLossWatch(cfg.skip_window, engine.device)  # every precision
     history: dict[str, list] = {"step": [], "loss": [], "loss_scale": [], "skipped": []}
     val_metrics: dict[str, float] = {}
     bar = None
@@ -585,27 +668,29 @@ def run_training(
         bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
 
     def save_ckpt(at: int) -> None:
-        client = {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "config_hash": chash}
+        client = {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "config_hash": chash, "lr": cfg.lr}
         if client_state_hook is not None:
             client.update(client_state_hook())
         ckpt.save(engine, ckpt_dir, at, client, cfg.keep_last)  # every rank
 
-    def run_eval(at: int) -> tuple[float, float]:
+    def run_eval(at: int, log: bool = True) -> tuple[float, float]:
         with engine.uncompiled():
             if eval_fn is None:
                 loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
-                logger.log(at, {"val/loss": loss, "val/ppl": ppl})
+                extra = {"val/ppl": ppl}
             else:
                 loss, extra = eval_fn(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
                 ppl = math.exp(min(loss, 700.0))
                 val_metrics.clear()
                 val_metrics.update(extra)
-                logger.log(at, {"val/loss": loss, **extra})
             scalars, warnings = regime.at_eval(at, tokens_seen, loss, history)
-            logger.log(at, scalars)
+            if log:
+                logger.log(at, {"val/loss": loss, **extra})
+                logger.log(at, scalars)
             if cfg.sample_tokens > 0:
                 text = generate_sample(engine, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed + at)
-                logger.text(at, "sample", text)
+                if log:
+                    logger.text(at, "sample", text)
         for msg in [f"step {at}: val/loss {loss:.4f}  val/ppl {ppl:.2f}", *(f"warning: {w}" for w in warnings)]:
             bar.write(f"[train] {msg}") if bar is not None else _log(msg)
         return loss, ppl
@@ -652,6 +737,7 @@ def run_training(
             steps_since_log += 1
             res = engine.last_step()  # with the deferred overflow check, settled at the next backward
             unchecked = (step, res)
+            nonfinite.record(step, loss_acc)  # on the device: read where the loop synchronises anyway
             if after_step is not None:
                 after_step(engine)
             if bar is not None:
@@ -660,6 +746,7 @@ def run_training(
             if halting or step == cfg.max_steps or any(
                     step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.save_interval)):
                 check_health()  # a step that logs, evaluates or saves reads its own outcome (one wait for the GPU)
+                nonfinite.check(step, cfg.max_skipped_fraction, precision)  # raises TrainingHealthError
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 # mean over the accumulation window and the ranks: the global batch's mean token loss
                 vals = torch.stack([loss_acc, *extras.values()]) / cfg.grad_accum
@@ -694,13 +781,24 @@ def run_training(
             if halting:
                 raise TrainingHalted(f"halted after step {step} (--halt_after_step); resume with --resume auto")
         if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
-            val_loss, val_ppl = run_eval(step)
+            # logged only when the metrics lack it (a re-run of a finished stage adds no second final row)
+            val_loss, val_ppl = run_eval(step, log=not _logged(out_dir / "metrics.jsonl", step, "val/loss"))
         arm_watchdog(cfg.watchdog_s)
         model_dir = out_dir / "model"
         if rank == 0 and model_dir.exists():
             shutil.rmtree(model_dir)
         engine.export_hf(model_dir, data.tokenizer_dir)  # every rank
         dist.barrier()  # every rank
+    except FP16HealthError as e:
+        if rank == 0:
+            # a checkpoint holds the weights the *next* step runs on: the one before the first bad step made it
+            first_bad = min(x for x in (monitor.first_skipped(), nonfinite.first_bad(step), step) if x is not None)
+            since = max(first_bad - 1, 1)
+            aside = set_aside_unhealthy(ckpt_dir, since, str(e).split(". ")[0])
+            if aside:
+                _log(f"checkpoints saved since step {since} set aside as not resumable: "
+                     f"{', '.join(p.name for p in aside)}")
+        raise
     finally:
         disarm_watchdog()
         if bar is not None:
@@ -714,7 +812,7 @@ def run_training(
         ds_config_resolved=str(resolved_path), model_dir=str(model_dir), n_params=n_params,
         tokens_per_s=(tps_sum / tps_n) if tps_n else None, mfu=last_mfu,
         resumed_from=str(resume_path) if resume_path else None, history=history, regime=regime.summary(),
-        val_metrics=val_metrics)
+        val_metrics=val_metrics, lr_changed_from=lr_changed_from)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

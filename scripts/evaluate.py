@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import shutil
 import sys
 import time
@@ -102,7 +103,7 @@ def main(cfg: EvalConfig) -> dict | None:
     data = require_stage(run_dir, "data", cfg.run, cfg.preset)
     data_dir = Path(data["_dir"])
     entries = find_models(run_dir, cfg.models)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(data_dir / data["outputs"]["tokenizer_dir"])
     val = load_tokens(data_dir, "val", data)
@@ -117,16 +118,23 @@ def main(cfg: EvalConfig) -> dict | None:
         cfg = dataclasses.replace(cfg, prompt=validation_prompt(tokenizer, val, data["outputs"].get("eos_id")))
         prompt_source = "the first words of the first validation document"
     check_inputs(cfg, entries, data, len(tokenizer(cfg.prompt)["input_ids"]))
+    from pipeline.manifest import check_same_tokenizer
+
+    check_same_tokenizer({"stage-01": data_dir / data["outputs"]["tokenizer_dir"],
+                          **{f"{e.name} model's": e.model_dir for e in entries}},
+                         "re-run the stage that made that model (`make pretrain|prune|distill`)")
     out_dir = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
     prepare_output_dir(out_dir, chash, cfg.overwrite, "eval")
 
-    # 2. from here on files are written: first mark the directory incomplete, start fresh logs
+    # 2. from here on files are written, into a staging folder: an earlier complete output (manifest, table,
+    # logs) stays as it is until this evaluation has succeeded (a failing --overwrite loses nothing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    tb_dir = cfg.tb_root() / "eval"
+    tb_final = cfg.tb_root() / "eval"
+    staging, tb_dir = out_dir / ".partial", tb_final.with_name("eval.partial")
+    shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(tb_dir, ignore_errors=True)
+    staging.mkdir()
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype()
     if cfg.threads:
@@ -139,10 +147,10 @@ def main(cfg: EvalConfig) -> dict | None:
     thread_choice: dict | None = None
 
     # 3. every model: quality (fp32), size, sample, then speed in the measurement dtype
-    with MetricsLogger(out_dir / "metrics.jsonl", tb_dir) as log:
+    with MetricsLogger(staging / "metrics.jsonl", tb_dir) as log:
         for e in entries:
             print(f"eval: {e.name} ({e.model_dir})", flush=True)
-            model = AutoModelForCausalLM.from_pretrained(e.model_dir, dtype=torch.float32).to(device).eval()
+            model = load_model_named(e.model_dir).to(device).eval()
             row = {"stage": e.stage, "stage_dir": e.stage_dir.name, "method": e.method,
                    "masks": str(e.masks) if e.masks else None}
             row.update(size_stats(model, e.model_dir, e.masks))
@@ -189,11 +197,28 @@ def main(cfg: EvalConfig) -> dict | None:
         "val_warning": small_validation_warning(len(val), seq_len),
         "val_tokens": len(val), "val_seq_len": seq_len,
     }
+    # success: the old output is replaced (the directory is incomplete between the unlink and write_manifest)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    os.replace(staging / "metrics.jsonl", out_dir / "metrics.jsonl")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(tb_final, ignore_errors=True)
+    if tb_dir.exists():
+        os.replace(tb_dir, tb_final)
     atomic_write_json(out_dir / "results.json", {"outputs": outputs, "models": results})
     inputs = {"data": data_dir, **{e.stage if e.stage != "controls" else f"controls/{e.name}": e.stage_dir
                                    for e in entries}}
     return write_manifest(out_dir, "eval", to_dict(cfg), outputs, metrics=results, inputs=inputs,
                           seed=cfg.seed, wall_time_s=time.time() - t_start)
+
+
+def load_model_named(model_dir: Path):
+    """The model in fp32; a config that disagrees with its weights or an unsafe file is a StageError naming it."""
+    from pipeline.integrity import ModelFileError, UnsafeFileError, load_causal_lm
+
+    try:
+        return load_causal_lm(model_dir, dtype=torch.float32)
+    except (ModelFileError, UnsafeFileError) as e:
+        raise StageError(str(e)) from None
 
 
 if __name__ == "__main__":

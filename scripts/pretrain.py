@@ -75,6 +75,7 @@ def main(cfg: TrainConfig) -> dict | None:
         "ds_config_resolved": Path(r.ds_config_resolved).name,
         "checkpoints": "checkpoints",
         "resumed_from": r.resumed_from,
+        "lr_changed_from": r.lr_changed_from,  # the checkpoint's --lr when resumed with another one
         "init_from": cfg.init_from or None,
     }
     metrics = {

@@ -52,12 +52,16 @@ def load_pretrained(pretrain_manifest: dict, device: str):
     Raises:
         StageError: when the model directory the manifest names cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = Path(pretrain_manifest["_dir"]) / pretrain_manifest["outputs"]["model_dir"]
+    from pipeline.integrity import ModelFileError, UnsafeFileError, load_causal_lm
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model = load_causal_lm(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (ModelFileError, UnsafeFileError) as e:
+        raise StageError(str(e)) from None
     except (OSError, ValueError) as e:
         raise StageError(f"cannot load the stage-02 model from {model_dir} ({e}); re-run `make pretrain`") from None
     return model.to(device).eval(), tokenizer, model_dir
@@ -95,6 +99,11 @@ def main(cfg: PruneConfig) -> dict | None:
     # -- inputs: the stage-02 model and the stage-01 validation tokens --------------------------
     pretrain = require_stage(cfg.run_dir(), "pretrain", cfg.run, cfg.preset)
     data = require_stage(cfg.run_dir(), "data", cfg.run, cfg.preset)
+    from pipeline.manifest import check_same_tokenizer
+
+    check_same_tokenizer({"stage-01": Path(data["_dir"]) / data["outputs"]["tokenizer_dir"],
+                          "pretrained model's": Path(pretrain["_dir"]) / pretrain["outputs"]["model_dir"]},
+                         f"re-run `make pretrain RUN={cfg.run}`")
     out = stage_dir(cfg.run_dir(), "prune")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
     prepare_output_dir(out, chash, cfg.overwrite, "prune")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def test_two_ranks_train_and_export(tiny_run, stage, precision):
     assert json.loads((out / "ds_config.resolved.json").read_text())["train_batch_size"] == 8
     ckpt = out / "checkpoints" / "step16"
     assert (ckpt / "complete.json").is_file()
-    assert (ckpt / "rng_state_rank0.pt").is_file() and (ckpt / "rng_state_rank1.pt").is_file()
+    assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
+    files = json.loads((ckpt / "complete.json").read_text())["files"]  # each rank hashed its own files
+    assert {"rng_state_rank0.json", "rng_state_rank1.json"} <= set(files) and any("pp_rank_1_" in f for f in files)
 
     from transformers import AutoModelForCausalLM
 
@@ -199,3 +202,42 @@ def test_accelerate_two_processes_zero3_train_and_export(tiny_run):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     loss, _, _ = evaluate(model, BlockDataset(load_tokens(results / run / "01_data", "val"), 64), 4, "cpu")
     assert loss == pytest.approx(m["metrics"]["val_loss"], rel=2e-2)  # bf16 engine, fp32 export
+
+
+def test_zero3_two_ranks_to_one_through_the_printed_universal_route(tiny_run, tmp_path):
+    """Issue 15 item 5: a 2-rank ZeRO-3 checkpoint, converted by the command the 1-rank refusal prints, resumes in
+    one process (grad_accum 2: the same global batch) and trains as the straight 1-rank run does."""
+    from pipeline.checkpoint import CheckpointError, check_world_size
+
+    results, run = tiny_run
+    for name in ("straight", "u"):
+        shutil.copytree(results / run / "01_data", results / name / "01_data")
+    common = ["--preset", "tiny", "--ds_config", "ds_configs/zero3_fp16.json", "--precision", "fp32", "--max_steps",
+              "8", "--save_interval", "4", "--eval_interval", "8", "--log_interval", "1", "--sample_tokens", "0",
+              "--progress", "false", "--keep_last", "0", "--results_dir", str(results)]
+    p = _deepspeed("scripts/pretrain.py", "--run", run, *common, "--halt_after_step", "4")
+    step4 = results / run / "02_pretrain" / "checkpoints" / "step4"
+    assert p.returncode != 0 and (step4 / "complete.json").is_file(), p.stderr[-3000:]  # halted (rc 3) after step 4
+    with pytest.raises(CheckpointError) as e:
+        check_world_size(step4, 1, {})
+    cmd = str(e.value).split("`")[1].split()
+    _check(subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300))
+    t = json.loads((ROOT / "ds_configs" / "zero3_fp16.json").read_text())
+    t["checkpoint"] = {"load_universal": True}
+    (tmp_path / "uni.json").write_text(json.dumps(t))
+    one = [sys.executable, "scripts/pretrain.py", *common, "--grad_accum", "2"]
+    _check(subprocess.run([*one, "--run", "straight"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600))
+    _check(subprocess.run([*one, "--run", "u", "--ds_config", str(tmp_path / "uni.json"), "--resume",
+                           f"{step4}_universal"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+
+    def losses(r):
+        return {x["step"]: x["train/loss"] for x in read_metrics(results / r / "02_pretrain" / "metrics.jsonl")
+                if "train/loss" in x}
+
+    a, b = losses("straight"), losses("u")
+    for s in range(5, 9):
+        assert b[s] == pytest.approx(a[s], abs=1e-5), s
+    assert read_manifest(results / "u" / "02_pretrain")["metrics"]["val_loss"] == pytest.approx(
+        read_manifest(results / "straight" / "02_pretrain")["metrics"]["val_loss"], abs=1e-5)
