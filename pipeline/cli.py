@@ -11,11 +11,16 @@ from pipeline.config import ConfigError, parse_cli
 from pipeline.manifest import StageError
 
 
+class TrainingHalted(RuntimeError):
+    """Raised after the checkpoint of ``halt_after_step``: the run stops as if killed (no export, no manifest)."""
+
+
 def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[str] | None = None) -> None:
     """Parse ``argv`` into ``cfg_cls`` (preset section ``stage``), call ``main(cfg)``.
 
     A :class:`ConfigError`, :class:`StageError` or other ``ValueError`` raised for bad input is printed as
-    ``error: ...`` (rank 0 only, no traceback) and exits with status 2.  After a stage that succeeded, the
+    ``error: ...`` (rank 0 only, no traceback) and exits with status 2; :class:`TrainingHalted` (the
+    ``--halt_after_step`` resume drill) prints ``halted: ...`` and exits with status 3.  After a stage that succeeded, the
     process group (if one was made) is ended with :func:`pipeline.dist.shutdown` before the interpreter exits.
     """
     try:
@@ -27,4 +32,8 @@ def run_stage(cfg_cls: type, stage: str, main: Callable[[Any], Any], argv: list[
         if dist.is_rank0():
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingHalted as e:
+        if dist.is_rank0():
+            print(f"halted: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
     dist.shutdown()  # every rank (each ends its stage here)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline import dist
+from pipeline.cli import TrainingHalted  # noqa: F401  (re-exported: raised by run_training)
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
 from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
 from pipeline.health import set_aside_unhealthy
@@ -46,8 +47,6 @@ RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", 
 RESUMABLE_CHANGES = ("lr",)
 
 
-class TrainingHalted(RuntimeError):
-    """Raised after the checkpoint of ``halt_after_step``: the run stops as if killed (no export, no manifest)."""
 
 
 @dataclass

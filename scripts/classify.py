@@ -18,24 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import dist  # noqa: E402
 from pipeline.classify import ClassifyConfig, run_classify  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
-from pipeline.train import TrainingHalted  # noqa: E402
 
 
 def main(cfg: ClassifyConfig) -> dict | None:
     return run_classify(cfg)
 
 
-def _main(cfg: ClassifyConfig) -> None:
-    try:
-        main(cfg)
-    except TrainingHalted as e:
-        if dist.is_rank0():
-            print(f"halted: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-
 
 if __name__ == "__main__":
-    run_stage(ClassifyConfig, "classify", _main)
+    run_stage(ClassifyConfig, "classify", main)

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import dist  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.controls import ControlConfig, control_dir, train_control  # noqa: E402
-from pipeline.train import TrainingHalted  # noqa: E402
 
 
 def main(cfg: ControlConfig) -> dict | None:
@@ -38,14 +37,6 @@ def main(cfg: ControlConfig) -> dict | None:
     return manifest
 
 
-def _main(cfg: ControlConfig) -> None:
-    try:
-        main(cfg)
-    except TrainingHalted as e:
-        if dist.is_rank0():
-            print(f"halted: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-
 
 if __name__ == "__main__":
-    run_stage(ControlConfig, "controls", _main)
+    run_stage(ControlConfig, "controls", main)

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import dist  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.distill import DistillConfig, distill  # noqa: E402
-from pipeline.train import TrainingHalted  # noqa: E402
 
 
 def main(cfg: DistillConfig) -> dict | None:
@@ -31,14 +30,5 @@ def main(cfg: DistillConfig) -> dict | None:
     return manifest
 
 
-def _main(cfg: DistillConfig) -> None:
-    try:
-        main(cfg)
-    except TrainingHalted as e:  # --halt_after_step: stopped after a checkpoint, as if killed
-        if dist.is_rank0():
-            print(f"halted: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-
-
 if __name__ == "__main__":
-    run_stage(DistillConfig, "distill", _main)
+    run_stage(DistillConfig, "distill", main)

@@ -25,7 +25,7 @@ from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.engine import FP16HealthError, device_type  # noqa: E402
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
-from pipeline.train import RUN_CONTROL, TrainConfig, TrainData, TrainingHalted, run_training  # noqa: E402
+from pipeline.train import RUN_CONTROL, TrainConfig, TrainData, run_training  # noqa: E402
 
 
 def main(cfg: TrainConfig) -> dict | None:
@@ -105,14 +105,6 @@ def main(cfg: TrainConfig) -> dict | None:
     return manifest
 
 
-def _main(cfg: TrainConfig) -> None:
-    try:
-        main(cfg)
-    except TrainingHalted as e:
-        if dist.is_rank0():
-            print(f"halted: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-
 
 if __name__ == "__main__":
-    run_stage(TrainConfig, "pretrain", _main)
+    run_stage(TrainConfig, "pretrain", main)

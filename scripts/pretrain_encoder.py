@@ -25,7 +25,7 @@ from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.encoder import EncoderTrainConfig, MLMSpec, build_encoder, make_mlm_eval, make_mlm_loss  # noqa: E402
 from pipeline.engine import FP16HealthError  # noqa: E402
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
-from pipeline.train import RUN_CONTROL, TrainData, TrainingHalted, run_training  # noqa: E402
+from pipeline.train import RUN_CONTROL, TrainData, run_training  # noqa: E402
 
 
 def main(cfg: EncoderTrainConfig) -> dict | None:
@@ -84,14 +84,6 @@ def main(cfg: EncoderTrainConfig) -> dict | None:
     return manifest
 
 
-def _main(cfg: EncoderTrainConfig) -> None:
-    try:
-        main(cfg)
-    except TrainingHalted as e:
-        if dist.is_rank0():
-            print(f"halted: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-
 
 if __name__ == "__main__":
-    run_stage(EncoderTrainConfig, "pretrain", _main)
+    run_stage(EncoderTrainConfig, "pretrain", main)
