@@ -2,7 +2,7 @@
 
 - ``tiny``: seconds per stage; for tests (a 2-layer LLaMA of width 64).
 - ``cpu``: the default of ``make all``; the whole pipeline, controls included, in under 15 minutes on 2 CPU
-  cores (a 4-layer LLaMA of width 128, 1.38M parameters; width 256 until 2026-12-03, when the machine became an
+  cores (a 4-layer LLaMA of width 128, 1.38M parameters, 8 × 128 tokens a step; width 256 and 16 sequences a step until 2026-12-03, when the machine became an
   AVX2-only part on which one fp32 step of that model took 0.8-1.0 s against 0.6 s for this one, see
   ``results/bench/NOTES.md``).
 - ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, 97.5M parameters with the
@@ -35,11 +35,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         "data": {"vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05},
         "pretrain": {
             "model": {"arch": "llama", "n_layer": 4, "d_model": 128, "n_head": 4, "n_kv_head": 4, "d_ff": 384},
-            "micro_batch_size": 16, "grad_accum": 1, "max_steps": 600, "lr": 2e-3, "warmup_steps": 40,
+            "micro_batch_size": 8, "grad_accum": 1, "max_steps": 600, "lr": 2e-3, "warmup_steps": 40,
             "eval_interval": 200, "save_interval": 200, "log_interval": 20, "eval_batch_size": 64,
         },
         "prune": {"sparsity": 0.5},
-        "distill": {"micro_batch_size": 16, "max_steps": 100, "lr": 5e-4, "warmup_steps": 10,
+        "distill": {"micro_batch_size": 8, "max_steps": 100, "lr": 5e-4, "warmup_steps": 10,
                     "eval_interval": 50, "save_interval": 50, "log_interval": 10},
         "eval": {"batch_sizes": [1, 8], "seq_lens": [128], "repeats": 5, "gen_tokens": 32},
     },
