@@ -140,10 +140,11 @@ def _make_n(cwd: Path, *args: str) -> str:
 
 @pytest.mark.skipif(subprocess.run(["make", "--version"], capture_output=True).returncode != 0, reason="no make")
 def test_force_reruns_only_the_named_stage_with_overwrite(tmp_path):
-    for d in ("01_data", "02_pretrain", "03_prune", "04_distill"):
+    controls = [f"06_controls/{c}" for c in ("dense_plus", "finetune", "scratch", "scratch_full")]
+    for d in ("01_data", "02_pretrain", "03_prune", "04_distill", *controls):
         (tmp_path / "results" / "x" / d).mkdir(parents=True)
         (tmp_path / "results" / "x" / d / "manifest.json").write_text("{}")
-        time.sleep(0.02)  # each stage newer than the one it reads
+        time.sleep(0.02)  # each stage newer than the one it reads (the controls read 04)
     assert "scripts/" not in _make_n(tmp_path, "prune", "RUN=x")  # up to date: nothing to do
     out = _make_n(tmp_path, "prune", "RUN=x", "PRESET=tiny", "FORCE=1", "PRUNE_ARGS=--sparsity 0.7")
     cmds = [ln for ln in out.splitlines() if "scripts/" in ln]
