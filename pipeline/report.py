@@ -573,8 +573,12 @@ def headline_lines(models: dict[str, dict], mans: dict[str, dict], ref: str, gra
     same_size = next(g for g in size_groups(models) if s_name in g)
     best_small = min(same_size, key=lambda n: models[n]["val_ppl"])
     if best_small == s_name:
+        untried = "" if "scratch_full" in controls else (
+            " But scratch (whole), the student's architecture trained from scratch for the whole budget, was not "
+            "trained in this run, and it is the control most likely to beat the student: this says only that "
+            "compression beat the controls that were run.")
         out.append(f"- **Compression paid off at the student's size**: {who.lower()} has the lowest perplexity of "
-                   f"the {len(same_size)} models with its {_int(s['nonzero'])} non-zero parameters.")
+                   f"the {len(same_size)} models with its {_int(s['nonzero'])} non-zero parameters.{untried}")
     else:
         out.append(f"- **Compression did not pay off at the student's size**: {label(best_small)}, "
                    f"{ROLE.get(best_small, best_small)}, reaches perplexity {_f(models[best_small]['val_ppl'])}, "

@@ -201,6 +201,7 @@ def test_headline_says_the_student_wins_when_it_wins():
     mans = {n: _budget(10, 10, 1) for n in models}
     text = "\n".join(headline_lines(models, mans, "b1_t8", graphed=False))
     assert "**Compression paid off at the student's size**" in text
+    assert "scratch (whole)" in text and "was not trained in this run" in text  # the missing control is named
     assert "8.9% better than fine-tuning" in text and "18.0% better than the same architecture" in text
     assert "Against dense, compression bought 50.0% fewer non-zero parameters and a student that runs 2.00× as fast" \
         in text and "it cost 2.5% higher perplexity" in text
