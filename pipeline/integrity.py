@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib
 import json
 import os
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.manifest import file_sha256
 
 #: classes DeepSpeed 0.19 checkpoints pickle beside tensors (module.Class); plain data with no code on load
 SAFE_GLOBALS = (
@@ -52,18 +53,9 @@ class IntegrityError(RuntimeError):
     """A file is missing, truncated or changed since its size and hash were recorded."""
 
 
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_record(path: str | Path) -> dict:
     """``{"size": bytes, "sha256": hex}`` of a file."""
-    return {"size": os.path.getsize(path), "sha256": sha256_of(path)}
+    return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def verify_records(folder: str | Path, records: dict[str, dict], names: list[str] | None = None) -> list[str]:
@@ -88,7 +80,7 @@ def verify_records(folder: str | Path, records: dict[str, dict], names: list[str
             out.append(f"{p}: missing")
         elif p.stat().st_size != int(rec["size"]):
             out.append(f"{p}: {p.stat().st_size} bytes, {rec['size']} recorded (truncated or changed)")
-        elif sha256_of(p) != rec["sha256"]:
+        elif file_sha256(p) != rec["sha256"]:
             out.append(f"{p}: sha256 differs from the recorded one (changed or corrupted)")
     return out
 
