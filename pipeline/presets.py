@@ -1,9 +1,8 @@
 """Named presets: one dictionary per preset, one section per stage, dotted keys as in the CLI.
 
 - ``tiny``: seconds per stage; for tests (a 2-layer LLaMA of width 64).
-- ``cpu``: the default of ``make all``; the whole pipeline, controls included, 9 min 34 s on 2 idle AVX2 CPU
-  cores from a fresh clone (a 4-layer LLaMA of width 128, 1.38M parameters, 8 × 128 tokens a step; width 256 and 16 sequences a step until 2026-12-03, when the machine became an
-  AVX2-only part on which one fp32 step of that model took 0.8-1.0 s against 0.6 s for this one, see
+- ``cpu``: the default of ``make all``; the whole pipeline, controls included, sized for 15 minutes on 2 CPU
+  cores (a 4-layer LLaMA of width 128, 1.38M parameters, 8 × 128 tokens a step; measured times in the README and
   ``results/bench/NOTES.md``).
 - ``124m``: GPT-2-small scale for one or more GPUs (12 layers, width 768, 97.5M parameters with the
   16k-token vocabulary and tied embeddings; GPT-2's own 124M counts its 50k vocabulary).
