@@ -123,18 +123,8 @@ def input_sq_norms(model: nn.Module, modules: Mapping[str, nn.Module], blocks: t
         blocks: ``(N, seq_len)`` token ids (:func:`calibration_blocks`).
         batch_size: blocks per forward pass.
     """
-    out: dict[str, torch.Tensor] = {}
-
-    def add(name: str, x: torch.Tensor) -> None:
-        s = x.float().reshape(-1, x.shape[-1]).pow(2).sum(0)
-        out[name] = s if name not in out else out[name] + s
-
-    with _input_hooks(modules, add):
-        run_blocks(model, blocks, batch_size)
-    missing = [n for n in modules if n not in out]
-    if missing:
-        raise RuntimeError(f"the calibration pass never reached {missing}; these modules are not used by forward")
-    return out
+    return _summed_input_stat(model, modules, blocks, batch_size,
+                              lambda x: x.float().reshape(-1, x.shape[-1]).pow(2).sum(0))
 
 
 def channel_activations(model: nn.Module, modules: Mapping[str, nn.Module], blocks: torch.Tensor,
@@ -150,10 +140,17 @@ def channel_activations(model: nn.Module, modules: Mapping[str, nn.Module], bloc
         modules: name -> module whose *input* is measured (``o_proj``: the attention heads' outputs;
             ``down_proj``: ``act(gate_proj(x)) * up_proj(x)``, the MLP's intermediate activations).
     """
+    return _summed_input_stat(model, modules, blocks, batch_size, lambda x: x.float().abs().mean(dim=1).pow(2).sum(0))
+
+
+def _summed_input_stat(model: nn.Module, modules: Mapping[str, nn.Module], blocks: torch.Tensor, batch_size: int,
+                       stat) -> dict[str, torch.Tensor]:
+    """``stat(input)`` of every module's input, summed over all calibration batches; raises RuntimeError when
+    the forward pass never reached a module."""
     out: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        s = x.float().abs().mean(dim=1).pow(2).sum(0)
+        s = stat(x)
         out[name] = s if name not in out else out[name] + s
 
     with _input_hooks(modules, add):
