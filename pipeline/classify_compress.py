@@ -206,19 +206,27 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return alpha * kl + (1.0 - alpha) * ce, kl, ce
 
 
-def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
+def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | None = None, stage: str = "distill",
+                       tb_name: str = "distill", extra_outputs: dict | None = None) -> dict | None:
     """Run stage 04 of the encoder path; every rank calls it.
+
+    The keyword arguments let a control reuse the stage unchanged (:mod:`pipeline.classify_controls`'
+    ``finetune``: the same recipe with ``alpha 0``): ``out_dir`` instead of ``04_distill``, ``stage`` in
+    messages and the manifest, TensorBoard under ``tb/<tb_name>``, ``extra_outputs`` added to the manifest's
+    outputs.  With ``alpha 0`` the teacher is neither loaded nor run (the loss is the cross-entropy alone).
 
     Raises:
         StageError: a missing upstream stage, masks that do not fit the student, an export whose pruned
             weights are not all zero, an unusable checkpoint or an fp16 run that cannot go on.
     """
     from pipeline import dist
+    from pipeline.budget import training_budget
     from pipeline.checkpoint import CheckpointError
     from pipeline.classify import make_classification_eval
     from pipeline.config import config_hash, to_dict
+    from pipeline.controls import arch_summary
     from pipeline.distill import MaskKeeper
-    from pipeline.engine import FP16HealthError
+    from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
     from pipeline.train import RUN_CONTROL, TrainData, run_training
@@ -230,11 +238,12 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
     student_dir = Path(prune_m["_dir"]) / prune_m["outputs"]["model_dir"]
     masks = load_masks(Path(prune_m["_dir"]) / prune_m["outputs"]["masks"]) if prune_m["outputs"].get("masks") else {}
     student = load_classifier(student_dir)
-    teacher = load_classifier(teacher_dir)
-    teacher.requires_grad_(False)
-    out = stage_dir(run_dir, "distill")
+    teacher = load_classifier(teacher_dir) if cfg.alpha > 0 else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+    out = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
-    prepare_output_dir(out, chash, cfg.overwrite, "distill")
+    prepare_output_dir(out, chash, cfg.overwrite, stage)
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=student_dir, seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
@@ -246,6 +255,9 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
 
         ids, mask, labels = unpack(batch, pad_id)
         s = model(input_ids=ids, attention_mask=mask).logits
+        if teacher is None:  # alpha 0: cross-entropy only, no teacher
+            ce = F.cross_entropy(s.float(), labels)
+            return ce, {"kd/ce": ce.detach()}
         with torch.no_grad():
             t = teacher(input_ids=ids, attention_mask=mask).logits
         loss, kl, ce = logit_kd_loss(s, t, labels, cfg.temperature, cfg.alpha)
@@ -260,16 +272,22 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
         if state["keeper"] is not None:
             state["keeper"].apply(engine)
 
+    t_train = time.time()
     try:
-        r = run_training(cfg, student, stage="distill", out_dir=out, tb_dir=cfg.tb_root() / "distill", data=data,
+        r = run_training(cfg, student, stage=stage, out_dir=out, tb_dir=cfg.tb_root() / tb_name, data=data,
                          loss_fn=loss_fn, eval_fn=make_classification_eval(names, sets["train"].labels),
-                         after_step=after_step, on_engine=on_engine, extra_modules={"teacher": teacher})
+                         after_step=after_step, on_engine=on_engine,
+                         extra_modules={"teacher": teacher} if teacher is not None else None)
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
+    t_train = time.time() - t_train
     outputs: dict[str, Any] = {"model_dir": "model", "config_hash": chash, "method": prune_m["outputs"]["method"],
-                               "teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "masks": None,
-                               "temperature": cfg.temperature, "alpha": cfg.alpha, "precision": r.precision,
-                               "world_size": r.world_size, "launcher": r.launcher, "zero_stage": r.zero_stage}
+                               "teacher_dir": str(teacher_dir) if teacher is not None else None,
+                               "student_dir": str(student_dir), "masks": None, "arch": type(student).__name__,
+                               "architecture": arch_summary(student.config),
+                               "n_params": r.n_params, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                               "precision": r.precision, "world_size": r.world_size, "launcher": r.launcher,
+                               "zero_stage": r.zero_stage, **(extra_outputs or {})}
     if dist.is_rank0() and masks:
         sd = load_export_state_dict(out / "model")
         bad = {k: v for k, v in count_mask_violations(sd, masks).items() if v}
@@ -280,8 +298,10 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
         shutil.copyfile(Path(prune_m["_dir"]) / prune_m["outputs"]["masks"], out / "masks.safetensors")
         outputs.update(masks="masks.safetensors", mask_violations=0)
     metrics = {"val_loss": r.val_loss, **{k.replace("/", "_"): v for k, v in r.val_metrics.items()},
-               "steps": r.steps, "skipped_steps": r.skipped_steps}
-    return write_manifest(out, "distill", to_dict(cfg), outputs, metrics,
+               "steps": r.steps, "skipped_steps": r.skipped_steps, "precision": r.precision,
+               "world_size": r.world_size,
+               "budget": training_budget(r.steps, r.tokens_seen, t_train, r.world_size, device_type())}
+    return write_manifest(out, stage, to_dict(cfg), outputs, metrics,
                           inputs={"classify": cls_m["_dir"], "prune": prune_m["_dir"]}, seed=cfg.seed,
                           wall_time_s=time.time() - t0)
 
