@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -338,7 +339,9 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     import statistics
 
     from pipeline import dist
+    from pipeline.classify import bag_of_words_baseline
     from pipeline.config import config_hash, to_dict
+    from pipeline.controls import LABELS, find_controls
     from pipeline.evaluate import time_ms
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.metrics import MetricsLogger
@@ -350,6 +353,7 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     cls_m, data_m, dense_dir, sets, names = _datasets(run_dir, cfg.run)
     prune_m = require_stage(run_dir, "prune", cfg.run)
     distill_m = require_stage(run_dir, "distill", cfg.run)
+    controls = find_controls(run_dir)  # every finished control (pipeline.classify_controls), scored alike
     out = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "eval")
@@ -360,13 +364,20 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
         torch.set_num_threads(cfg.threads)
     seq_len = int(data_m["outputs"]["seq_len"])
     method = prune_m["outputs"]["method"]
-    entries = {"dense": (dense_dir, None),
+    entries = {"dense": (dense_dir, None, "classify", None),
                f"pruned ({method})": (Path(prune_m["_dir"]) / "model", prune_m["outputs"].get("masks") and
-                                      Path(prune_m["_dir"]) / prune_m["outputs"]["masks"]),
+                                      Path(prune_m["_dir"]) / prune_m["outputs"]["masks"], "prune", None),
                f"distilled ({method})": (Path(distill_m["_dir"]) / "model", distill_m["outputs"].get("masks") and
-                                         Path(distill_m["_dir"]) / distill_m["outputs"]["masks"])}
+                                         Path(distill_m["_dir"]) / distill_m["outputs"]["masks"], "distill", None)}
+    for c, man in controls:
+        o = man.get("outputs", {})
+        entries[LABELS[c]] = (Path(man["_dir"]) / o.get("model_dir", "model"),
+                              o.get("masks") and Path(man["_dir"]) / o["masks"], "controls", c)
     rows: dict[str, dict] = {}
-    for name, (d, masks_path) in entries.items():
+    for name, (d, masks_path, stage, control) in entries.items():
+        if not (Path(d) / "config.json").is_file():
+            raise StageError(f"{d} (the model of {name}) holds no config.json; re-run its stage "
+                             f"(`make {stage} TASK=classify RUN={cfg.run}`)")
         model = load_classifier(d).to(device).eval()
         y, logits = predict(model, sets["test"], cfg.eval_batch_size, device)
         m = classification_metrics(y, logits.argmax(-1), names, sets["train"].labels)
@@ -380,7 +391,7 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
             with torch.no_grad():
                 times = time_ms(lambda ids=ids, model=model: model(input_ids=ids), warmup=2, repeats=cfg.repeats, device=device)
             lat[f"b{b}"] = statistics.median(times)
-        rows[name] = {"dir": str(d), "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+        rows[name] = {"dir": str(d), "stage": stage, "control": control, "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
                       "n_params": n, "n_nonzero_params": n - pruned, "masked_sparsity": (pruned / sum(
                           v.numel() for v in masks.values())) if masks else 0.0,
                       "size_bytes": sum(f.stat().st_size for f in Path(d).glob("*.safetensors")),
@@ -394,14 +405,31 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
                         "eval/params": r["n_params"], "eval/nonzero_params": r["n_nonzero_params"]})
     outputs = {"config_hash": chash, "device": device, "threads": torch.get_num_threads() if device == "cpu" else None,
                "seq_len": seq_len, "test_passages": len(sets["test"])}
+    bow = bag_of_words_baseline(sets["train"], sets["test"], names, cfg.seed)
     metrics = {"models": rows, "majority_accuracy": cls_m["metrics"]["majority_accuracy"],
-               "majority_label": cls_m["metrics"]["majority_label"]}
+               "majority_label": cls_m["metrics"]["majority_label"],
+               "majority_macro_f1": _majority_macro_f1(sets["test"].labels, names, sets["train"].labels),
+               "bag_of_words": {"test_accuracy": bow["accuracy"], "test_macro_f1": bow["macro_f1"], "n": bow["n"],
+                                "features": bow["features"], "model": bow["model"],
+                                "classification_report": bow["report"]},
+               "test_n": len(sets["test"])}
     for name, r in rows.items():
         print(f"eval: {name:<24} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "
               f"params {r['n_params']:,} (non-zero {r['n_nonzero_params']:,})  latency {r['latency_ms']}")
-    return write_manifest(out, "eval", to_dict(cfg), outputs, metrics,
-                          inputs={"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"]},
-                          seed=cfg.seed, wall_time_s=time.time() - t0)
+    print(f"eval: {'bag of words (TF-IDF+LR)':<24} accuracy {bow['accuracy']:.4f}  macro-F1 {bow['macro_f1']:.4f}  "
+          f"(majority baseline {metrics['majority_accuracy']:.4f})")
+    inputs = {"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"],
+              **{f"controls/{c}": man["_dir"] for c, man in controls}}
+    return write_manifest(out, "eval", to_dict(cfg), outputs, metrics, inputs=inputs, seed=cfg.seed,
+                          wall_time_s=time.time() - t0)
+
+
+def _majority_macro_f1(y_true: np.ndarray, names: list[str], train_labels: np.ndarray) -> float:
+    """Macro-F1 of predicting the most frequent training label for every passage."""
+    from collections import Counter
+
+    maj = int(Counter(np.asarray(train_labels).tolist()).most_common(1)[0][0])
+    return classification_metrics(y_true, np.full(len(y_true), maj), names, train_labels)["macro_f1"]
 
 
 __all__ = ["PruneClassifierConfig", "DistillClassifierConfig", "EvalClassifierConfig", "prune_classifier",
