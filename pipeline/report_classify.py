@@ -51,11 +51,13 @@ def _pts(x: float) -> str:
     return f"{100 * abs(x):.1f} points"
 
 
-def _versus(s: float, r: float, what: str) -> str:
-    """'beats X by 3.1 points' / 'loses to X by 3.1 points' / 'ties with X' (accuracy ``s`` against ``r``)."""
+def _versus(s: float, r: float, what: str, noise: float = 0.0) -> str:
+    """'beats X by 3.1 points' / 'loses to X by 3.1 points' / 'ties with X' (accuracy ``s`` against ``r``), with
+    '(within noise)' when the difference is below ``noise``."""
     if abs(s - r) < 1e-9:
         return f"ties with {what}"
-    return f"beats {what} by {_pts(s - r)}" if s > r else f"**loses to** {what} by {_pts(s - r)}"
+    tail = " (within noise)" if abs(s - r) < noise else ""
+    return (f"beats {what} by {_pts(s - r)}{tail}" if s > r else f"**loses to** {what} by {_pts(s - r)}{tail}")
 
 
 def student_name(models: dict[str, dict]) -> str | None:
@@ -95,6 +97,10 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
     if s_name is None:
         return []
     s = models[s_name]
+    noise = 0.0
+    if n_test:  # two binomial standard errors of the student's accuracy
+        p = min(max(s["test_accuracy"], 1 / n_test), 1 - 1 / n_test)
+        noise = 2 * (p * (1 - p) / n_test) ** 0.5
     who = "The distilled student" if s.get("stage") == "distill" else "The pruned student (no stage 04 in this run)"
     acc = f"accuracy {_f(s['test_accuracy'])}, macro-F1 {_f(s['test_macro_f1'])}"
     controls = [n for n, r in models.items() if r.get("stage") == "controls"]
@@ -107,9 +113,13 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
         group = same_size(models, s_name)
         best = max(group, key=lambda n: _rank_key(models[n]))
         if best == s_name or _rank_key(models[best]) == _rank_key(s):
+            rest = [models[n]["test_accuracy"] for n in group if n != s_name]
+            margin = s["test_accuracy"] - max(rest) if rest else None
+            by = "" if margin is None else (f", {_pts(margin)} above the next" + (" (within noise)"
+                                                                                 if margin < noise else ""))
             out.append(f"- **Compression paid off at the student's size**: {who.lower()} has the highest test accuracy "
                        f"of the {len(group)} models with its {_int(s['n_nonzero_params'])} non-zero parameters "
-                       f"({acc}).")
+                       f"({acc}{by}).")
         else:
             b = models[best]
             out.append(f"- **Compression did not pay off at the student's size**: {best}, {role(b)}, reaches test "
@@ -128,7 +138,7 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                                f"{st.get('cls')} classification steps)",
                     "dense_plus": f"the dense classifier trained longer instead ({c}, "
                                   f"{_int(r['n_nonzero_params'])} non-zero parameters)"}.get(r.get("control"), c)
-            clauses.append(f"{_versus(s['test_accuracy'], r['test_accuracy'], what)} (accuracy "
+            clauses.append(f"{_versus(s['test_accuracy'], r['test_accuracy'], what, noise)} (accuracy "
                            f"{_f(r['test_accuracy'])}, macro-F1 {_f(r['test_macro_f1'])})")
         out.append(f"- {who} ({acc}) " + "; ".join(clauses[:-1]) + ("; and " if len(clauses) > 1 else "")
                    + clauses[-1] + ".")
@@ -137,7 +147,7 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                       ("bag_of_words", "the bag-of-words reference (TF-IDF + logistic regression)")):
         b = baselines.get(key)
         if b is not None:
-            base.append(f"{_versus(s['test_accuracy'], b['accuracy'], what)} (accuracy {_f(b['accuracy'])}, "
+            base.append(f"{_versus(s['test_accuracy'], b['accuracy'], what, noise)} (accuracy {_f(b['accuracy'])}, "
                         f"macro-F1 {_f(b['macro_f1'])})")
     if base:
         out.append(f"- On the same {n_test} test passages, {who.lower()} " + " and ".join(base) + ".")
@@ -155,11 +165,9 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                    f"test accuracy." if da > 0 else f"- Against {d_name}, compression bought {size} and {speed} at "
                    f"the same test accuracy.")
     if n_test:
-        p = min(max(s["test_accuracy"], 1 / n_test), 1 - 1 / n_test)
-        se = (p * (1 - p) / n_test) ** 0.5
         out.append(f"- With {n_test} test passages, one standard error of an accuracy near {_f(s['test_accuracy'], 2)} "
-                   f"is {_pts(se)} (binomial); differences smaller than about {_pts(2 * se)} are within noise "
-                   f"(and passages of one play are not independent, so the true noise is larger).")
+                   f"is {_pts(noise / 2)} (binomial); differences below two standard errors ({_pts(noise)}) are marked "
+                   f"within noise (passages of one play are not independent, so the true noise is larger).")
     return out
 
 
