@@ -51,13 +51,14 @@ def _pts(x: float) -> str:
     return f"{100 * abs(x):.1f} points"
 
 
-def _versus(s: float, r: float, what: str, noise: float = 0.0) -> str:
-    """'beats X by 3.1 points' / 'loses to X by 3.1 points' / 'ties with X' (accuracy ``s`` against ``r``), with
-    '(within noise)' when the difference is below ``noise``."""
+def _versus(s: float, r: float, what: str, detail: str, noise: float = 0.0) -> str:
+    """'beats X by 3.1 points (detail)' / '**loses to** X by 3.1 points (detail)' / 'ties with X (detail)' (accuracy
+    ``s`` against ``r``), '; within noise' added to the parenthesis when the difference is below ``noise``."""
     if abs(s - r) < 1e-9:
-        return f"ties with {what}"
-    tail = " (within noise)" if abs(s - r) < noise else ""
-    return (f"beats {what} by {_pts(s - r)}{tail}" if s > r else f"**loses to** {what} by {_pts(s - r)}{tail}")
+        return f"ties with {what} ({detail})"
+    tail = "; within noise" if abs(s - r) < noise else ""
+    verb = "beats" if s > r else "**loses to**"
+    return f"{verb} {what} by {_pts(s - r)} ({detail}{tail})"
 
 
 def student_name(models: dict[str, dict]) -> str | None:
@@ -111,21 +112,27 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                    f"architecture from scratch or training the dense classifier longer.")
     else:
         group = same_size(models, s_name)
-        best = max(group, key=lambda n: _rank_key(models[n]))
-        if best == s_name or _rank_key(models[best]) == _rank_key(s):
-            rest = [models[n]["test_accuracy"] for n in group if n != s_name]
-            margin = s["test_accuracy"] - max(rest) if rest else None
-            by = "" if margin is None else (f", {_pts(margin)} above the next" + (" (within noise)"
-                                                                                 if margin < noise else ""))
+        others = [n for n in group if n != s_name]
+        top = max((models[n]["test_accuracy"] for n in others), default=None)
+        if top is None or s["test_accuracy"] > top:
+            by = "" if top is None else (f", {_pts(s['test_accuracy'] - top)} above the next"
+                                         + (", within noise" if s["test_accuracy"] - top < noise else ""))
             out.append(f"- **Compression paid off at the student's size**: {who.lower()} has the highest test accuracy "
                        f"of the {len(group)} models with its {_int(s['n_nonzero_params'])} non-zero parameters "
                        f"({acc}{by}).")
+        elif s["test_accuracy"] == top:
+            tied = ", ".join(n for n in others if models[n]["test_accuracy"] == top)
+            out.append(f"- **Compression did not pay off at the student's size**: {who.lower()} only ties with {tied} "
+                       f"on test accuracy ({_f(top)}) among the {len(group)} models with its "
+                       f"{_int(s['n_nonzero_params'])} non-zero parameters.")
         else:
+            best = max(others, key=lambda n: _rank_key(models[n]))
             b = models[best]
             out.append(f"- **Compression did not pay off at the student's size**: {best}, {role(b)}, reaches test "
                        f"accuracy {_f(b['test_accuracy'])} (macro-F1 {_f(b['test_macro_f1'])}), {who.lower()} "
                        f"{_f(s['test_accuracy'])} (macro-F1 {_f(s['test_macro_f1'])}): the student loses by "
-                       f"{_pts(s['test_accuracy'] - b['test_accuracy'])}.")
+                       f"{_pts(s['test_accuracy'] - b['test_accuracy'])}"
+                       + (", within noise." if b["test_accuracy"] - s["test_accuracy"] < noise else "."))
         order = ["scratch", "finetune", "dense_plus"]
         clauses = []
         s_cls = steps.get(s_name, {}).get("cls")
@@ -138,8 +145,8 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                                f"{st.get('cls')} classification steps)",
                     "dense_plus": f"the dense classifier trained longer instead ({c}, "
                                   f"{_int(r['n_nonzero_params'])} non-zero parameters)"}.get(r.get("control"), c)
-            clauses.append(f"{_versus(s['test_accuracy'], r['test_accuracy'], what, noise)} (accuracy "
-                           f"{_f(r['test_accuracy'])}, macro-F1 {_f(r['test_macro_f1'])})")
+            clauses.append(_versus(s["test_accuracy"], r["test_accuracy"], what,
+                                   f"accuracy {_f(r['test_accuracy'])}, macro-F1 {_f(r['test_macro_f1'])}", noise))
         out.append(f"- {who} ({acc}) " + "; ".join(clauses[:-1]) + ("; and " if len(clauses) > 1 else "")
                    + clauses[-1] + ".")
     base = []
@@ -147,8 +154,8 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
                       ("bag_of_words", "the bag-of-words reference (TF-IDF + logistic regression)")):
         b = baselines.get(key)
         if b is not None:
-            base.append(f"{_versus(s['test_accuracy'], b['accuracy'], what, noise)} (accuracy {_f(b['accuracy'])}, "
-                        f"macro-F1 {_f(b['macro_f1'])})")
+            base.append(_versus(s["test_accuracy"], b["accuracy"], what,
+                                f"accuracy {_f(b['accuracy'])}, macro-F1 {_f(b['macro_f1'])}", noise))
     if base:
         out.append(f"- On the same {n_test} test passages, {who.lower()} " + " and ".join(base) + ".")
     d_name = next((n for n, r in models.items() if r.get("control") == "dense_plus"), None) or next(
