@@ -139,14 +139,16 @@ def classify_headline_lines(models: dict[str, dict], baselines: dict[str, dict],
         for c in sorted(controls, key=lambda n: order.index(models[n]["control"])
                         if models[n].get("control") in order else len(order)):
             r, st = models[c], steps.get(c, {})
-            what = {"finetune": f"fine-tuning the pruned student without the teacher ({c}, {st.get('cls')} "
-                                f"classification steps in all{'' if st.get('cls') == s_cls else f', the student {s_cls}'})",
-                    "scratch": f"its architecture trained from scratch without masked-LM pretraining ({c}, "
-                               f"{st.get('cls')} classification steps)",
-                    "dense_plus": f"the dense classifier trained longer instead ({c}, "
-                                  f"{_int(r['n_nonzero_params'])} non-zero parameters)"}.get(r.get("control"), c)
+            same = "the same " if st.get("cls") == s_cls else ""
+            theirs = "" if st.get("cls") == s_cls else f", the student {s_cls}"
+            what = {"finetune": f"fine-tuning the pruned student without the teacher for {same}{st.get('cls')} "
+                                f"classification steps in all{theirs}",
+                    "scratch": f"its architecture trained from scratch without masked-LM pretraining for "
+                               f"{st.get('cls')} classification steps",
+                    "dense_plus": f"the dense classifier ({_int(r['n_nonzero_params'])} non-zero parameters) trained "
+                                  f"longer instead"}.get(r.get("control"), c)
             clauses.append(_versus(s["test_accuracy"], r["test_accuracy"], what,
-                                   f"accuracy {_f(r['test_accuracy'])}, macro-F1 {_f(r['test_macro_f1'])}", noise))
+                                   f"{c}: accuracy {_f(r['test_accuracy'])}, macro-F1 {_f(r['test_macro_f1'])}", noise))
         out.append(f"- {who} ({acc}) " + "; ".join(clauses[:-1]) + ("; and " if len(clauses) > 1 else "")
                    + clauses[-1] + ".")
     base = []
