@@ -237,3 +237,27 @@ def test_bag_of_words_is_fitted_on_train_and_scored_on_exactly_the_test_passages
     assert m["predictions"] == want.tolist()
     # scored against the test labels: flipping them flips the accuracy
     assert bag_of_words_baseline(train, flipped, ["a", "b"])["accuracy"] == 0.0
+
+
+@pytest.mark.dist
+def test_scratch_control_two_ranks_deepspeed_keeps_the_masks(encoder_run):
+    """The control through the deepspeed launcher on two gloo ranks (ZeRO-2): the masks hold on the export."""
+    import subprocess
+    import sys
+
+    from pipeline.manifest import read_manifest
+    from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
+    from tests.test_pretrain_dist import _check, _env, free_port
+
+    run, common = encoder_run
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", "--master_port",
+           str(free_port()), "scripts/controls_classifier.py", *common, "--control", "scratch", "--max_steps", "4",
+           "--ds_config", "ds_configs/zero2_fp16.json", "--overwrite", "--resume", "none", "--progress", "false"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+    _check(p)
+    d = run / "06_controls" / "scratch"
+    m = read_manifest(d / "manifest.json")
+    assert (m["outputs"]["world_size"], m["outputs"]["launcher"], m["outputs"]["zero_stage"]) == (2, "deepspeed", 2)
+    assert m["metrics"]["steps"] == 4 and m["outputs"]["budget_rule"] == "4 steps (--max_steps)"
+    masks = load_masks(run / "03_prune" / "masks.safetensors")
+    assert sum(count_mask_violations(load_export_state_dict(d / "model"), masks).values()) == 0
