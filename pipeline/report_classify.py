@@ -2,8 +2,10 @@
 
 Sections: the data and the split by play, masked-LM pretraining (loss and accuracy on the fixed validation
 masking), the classifier on the held-out plays (accuracy beside the majority-class baseline, macro-F1, the
-per-class report, the confusion matrix), and the compressed classifiers (accuracy, macro-F1, parameters,
-latency).  Measures nothing; only reads manifests and logs.
+per-class report, the confusion matrix), the compressed classifiers (accuracy, macro-F1, parameters, latency),
+and the compression against its controls (:mod:`pipeline.classify_controls`) and two baselines (the majority class,
+a bag of words): a table, and headline sentences computed from it that answer "did compression pay?" and state
+every comparison the student loses as a loss.  Measures nothing; only reads manifests and logs.
 """
 
 from __future__ import annotations
