@@ -125,7 +125,16 @@ $(R)/03_prune/manifest.json: $(R)/02b_classify/manifest.json
 $(R)/04_distill/manifest.json: $(R)/03_prune/manifest.json
 	$(LAUNCH) scripts/distill_classifier.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(DISTILL_ARGS)
 
-$(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json
+# the classifier's compression controls (pipeline/classify_controls.py), one manifest each, so only stale ones
+# re-run; CONTROLS= skips them (scratch_full is the decoder's: the classifier's scratch has stage 02b + 04's steps)
+CLASSIFY_CONTROLS := $(filter-out scratch_full,$(CONTROLS))
+CONTROL_MANIFESTS := $(foreach c,$(CLASSIFY_CONTROLS),$(R)/06_controls/$(c)/manifest.json)
+controls: $(CONTROL_MANIFESTS)
+
+$(CONTROL_MANIFESTS): $(R)/06_controls/%/manifest.json: $(R)/04_distill/manifest.json
+	$(LAUNCH) scripts/controls_classifier.py $(COMMON) --control $* --resume auto $(CONTROLS_ARGS)
+
+$(R)/05_eval/manifest.json: $(R)/04_distill/manifest.json $(CONTROL_MANIFESTS)
 	$(PY) scripts/evaluate_classifier.py $(COMMON) $(EVAL_ARGS)
 
 $(R)/report.md: $(R)/05_eval/manifest.json

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,19 +207,27 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return alpha * kl + (1.0 - alpha) * ce, kl, ce
 
 
-def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
+def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | None = None, stage: str = "distill",
+                       tb_name: str = "distill", extra_outputs: dict | None = None) -> dict | None:
     """Run stage 04 of the encoder path; every rank calls it.
+
+    The keyword arguments let a control reuse the stage unchanged (:mod:`pipeline.classify_controls`'
+    ``finetune``: the same recipe with ``alpha 0``): ``out_dir`` instead of ``04_distill``, ``stage`` in
+    messages and the manifest, TensorBoard under ``tb/<tb_name>``, ``extra_outputs`` added to the manifest's
+    outputs.  With ``alpha 0`` the teacher is neither loaded nor run (the loss is the cross-entropy alone).
 
     Raises:
         StageError: a missing upstream stage, masks that do not fit the student, an export whose pruned
             weights are not all zero, an unusable checkpoint or an fp16 run that cannot go on.
     """
     from pipeline import dist
+    from pipeline.budget import training_budget
     from pipeline.checkpoint import CheckpointError
     from pipeline.classify import make_classification_eval
     from pipeline.config import config_hash, to_dict
+    from pipeline.controls import arch_summary
     from pipeline.distill import MaskKeeper
-    from pipeline.engine import FP16HealthError
+    from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
     from pipeline.train import RUN_CONTROL, TrainData, run_training
@@ -230,11 +239,12 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
     student_dir = Path(prune_m["_dir"]) / prune_m["outputs"]["model_dir"]
     masks = load_masks(Path(prune_m["_dir"]) / prune_m["outputs"]["masks"]) if prune_m["outputs"].get("masks") else {}
     student = load_classifier(student_dir)
-    teacher = load_classifier(teacher_dir)
-    teacher.requires_grad_(False)
-    out = stage_dir(run_dir, "distill")
+    teacher = load_classifier(teacher_dir) if cfg.alpha > 0 else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+    out = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
     chash = config_hash(cfg, ignore=RUN_CONTROL)
-    prepare_output_dir(out, chash, cfg.overwrite, "distill")
+    prepare_output_dir(out, chash, cfg.overwrite, stage)
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=student_dir, seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
@@ -246,6 +256,9 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
 
         ids, mask, labels = unpack(batch, pad_id)
         s = model(input_ids=ids, attention_mask=mask).logits
+        if teacher is None:  # alpha 0: cross-entropy only, no teacher
+            ce = F.cross_entropy(s.float(), labels)
+            return ce, {"kd/ce": ce.detach()}
         with torch.no_grad():
             t = teacher(input_ids=ids, attention_mask=mask).logits
         loss, kl, ce = logit_kd_loss(s, t, labels, cfg.temperature, cfg.alpha)
@@ -260,16 +273,22 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
         if state["keeper"] is not None:
             state["keeper"].apply(engine)
 
+    t_train = time.time()
     try:
-        r = run_training(cfg, student, stage="distill", out_dir=out, tb_dir=cfg.tb_root() / "distill", data=data,
+        r = run_training(cfg, student, stage=stage, out_dir=out, tb_dir=cfg.tb_root() / tb_name, data=data,
                          loss_fn=loss_fn, eval_fn=make_classification_eval(names, sets["train"].labels),
-                         after_step=after_step, on_engine=on_engine, extra_modules={"teacher": teacher})
+                         after_step=after_step, on_engine=on_engine,
+                         extra_modules={"teacher": teacher} if teacher is not None else None)
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
+    t_train = time.time() - t_train
     outputs: dict[str, Any] = {"model_dir": "model", "config_hash": chash, "method": prune_m["outputs"]["method"],
-                               "teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "masks": None,
-                               "temperature": cfg.temperature, "alpha": cfg.alpha, "precision": r.precision,
-                               "world_size": r.world_size, "launcher": r.launcher, "zero_stage": r.zero_stage}
+                               "teacher_dir": str(teacher_dir) if teacher is not None else None,
+                               "student_dir": str(student_dir), "masks": None, "arch": type(student).__name__,
+                               "architecture": arch_summary(student.config),
+                               "n_params": r.n_params, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                               "precision": r.precision, "world_size": r.world_size, "launcher": r.launcher,
+                               "zero_stage": r.zero_stage, **(extra_outputs or {})}
     if dist.is_rank0() and masks:
         sd = load_export_state_dict(out / "model")
         bad = {k: v for k, v in count_mask_violations(sd, masks).items() if v}
@@ -280,8 +299,10 @@ def distill_classifier(cfg: DistillClassifierConfig) -> dict | None:
         shutil.copyfile(Path(prune_m["_dir"]) / prune_m["outputs"]["masks"], out / "masks.safetensors")
         outputs.update(masks="masks.safetensors", mask_violations=0)
     metrics = {"val_loss": r.val_loss, **{k.replace("/", "_"): v for k, v in r.val_metrics.items()},
-               "steps": r.steps, "skipped_steps": r.skipped_steps}
-    return write_manifest(out, "distill", to_dict(cfg), outputs, metrics,
+               "steps": r.steps, "skipped_steps": r.skipped_steps, "precision": r.precision,
+               "world_size": r.world_size,
+               "budget": training_budget(r.steps, r.tokens_seen, t_train, r.world_size, device_type())}
+    return write_manifest(out, stage, to_dict(cfg), outputs, metrics,
                           inputs={"classify": cls_m["_dir"], "prune": prune_m["_dir"]}, seed=cfg.seed,
                           wall_time_s=time.time() - t0)
 
@@ -318,7 +339,9 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     import statistics
 
     from pipeline import dist
+    from pipeline.classify import bag_of_words_baseline
     from pipeline.config import config_hash, to_dict
+    from pipeline.controls import LABELS, find_controls
     from pipeline.evaluate import time_ms
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.metrics import MetricsLogger
@@ -330,6 +353,7 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     cls_m, data_m, dense_dir, sets, names = _datasets(run_dir, cfg.run)
     prune_m = require_stage(run_dir, "prune", cfg.run)
     distill_m = require_stage(run_dir, "distill", cfg.run)
+    controls = find_controls(run_dir)  # every finished control (pipeline.classify_controls), scored alike
     out = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "eval")
@@ -340,13 +364,20 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
         torch.set_num_threads(cfg.threads)
     seq_len = int(data_m["outputs"]["seq_len"])
     method = prune_m["outputs"]["method"]
-    entries = {"dense": (dense_dir, None),
+    entries = {"dense": (dense_dir, None, "classify", None),
                f"pruned ({method})": (Path(prune_m["_dir"]) / "model", prune_m["outputs"].get("masks") and
-                                      Path(prune_m["_dir"]) / prune_m["outputs"]["masks"]),
+                                      Path(prune_m["_dir"]) / prune_m["outputs"]["masks"], "prune", None),
                f"distilled ({method})": (Path(distill_m["_dir"]) / "model", distill_m["outputs"].get("masks") and
-                                         Path(distill_m["_dir"]) / distill_m["outputs"]["masks"])}
+                                         Path(distill_m["_dir"]) / distill_m["outputs"]["masks"], "distill", None)}
+    for c, man in controls:
+        o = man.get("outputs", {})
+        entries[LABELS[c]] = (Path(man["_dir"]) / o.get("model_dir", "model"),
+                              o.get("masks") and Path(man["_dir"]) / o["masks"], "controls", c)
     rows: dict[str, dict] = {}
-    for name, (d, masks_path) in entries.items():
+    for name, (d, masks_path, stage, control) in entries.items():
+        if not (Path(d) / "config.json").is_file():
+            raise StageError(f"{d} (the model of {name}) holds no config.json; re-run its stage "
+                             f"(`make {stage} TASK=classify RUN={cfg.run}`)")
         model = load_classifier(d).to(device).eval()
         y, logits = predict(model, sets["test"], cfg.eval_batch_size, device)
         m = classification_metrics(y, logits.argmax(-1), names, sets["train"].labels)
@@ -360,7 +391,7 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
             with torch.no_grad():
                 times = time_ms(lambda ids=ids, model=model: model(input_ids=ids), warmup=2, repeats=cfg.repeats, device=device)
             lat[f"b{b}"] = statistics.median(times)
-        rows[name] = {"dir": str(d), "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+        rows[name] = {"dir": str(d), "stage": stage, "control": control, "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
                       "n_params": n, "n_nonzero_params": n - pruned, "masked_sparsity": (pruned / sum(
                           v.numel() for v in masks.values())) if masks else 0.0,
                       "size_bytes": sum(f.stat().st_size for f in Path(d).glob("*.safetensors")),
@@ -374,14 +405,31 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
                         "eval/params": r["n_params"], "eval/nonzero_params": r["n_nonzero_params"]})
     outputs = {"config_hash": chash, "device": device, "threads": torch.get_num_threads() if device == "cpu" else None,
                "seq_len": seq_len, "test_passages": len(sets["test"])}
+    bow = bag_of_words_baseline(sets["train"], sets["test"], names, cfg.seed)
     metrics = {"models": rows, "majority_accuracy": cls_m["metrics"]["majority_accuracy"],
-               "majority_label": cls_m["metrics"]["majority_label"]}
+               "majority_label": cls_m["metrics"]["majority_label"],
+               "majority_macro_f1": _majority_macro_f1(sets["test"].labels, names, sets["train"].labels),
+               "bag_of_words": {"test_accuracy": bow["accuracy"], "test_macro_f1": bow["macro_f1"], "n": bow["n"],
+                                "features": bow["features"], "model": bow["model"],
+                                "classification_report": bow["report"]},
+               "test_n": len(sets["test"])}
     for name, r in rows.items():
         print(f"eval: {name:<24} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "
               f"params {r['n_params']:,} (non-zero {r['n_nonzero_params']:,})  latency {r['latency_ms']}")
-    return write_manifest(out, "eval", to_dict(cfg), outputs, metrics,
-                          inputs={"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"]},
-                          seed=cfg.seed, wall_time_s=time.time() - t0)
+    print(f"eval: {'bag of words (TF-IDF+LR)':<24} accuracy {bow['accuracy']:.4f}  macro-F1 {bow['macro_f1']:.4f}  "
+          f"(majority baseline {metrics['majority_accuracy']:.4f})")
+    inputs = {"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"],
+              **{f"controls/{c}": man["_dir"] for c, man in controls}}
+    return write_manifest(out, "eval", to_dict(cfg), outputs, metrics, inputs=inputs, seed=cfg.seed,
+                          wall_time_s=time.time() - t0)
+
+
+def _majority_macro_f1(y_true: np.ndarray, names: list[str], train_labels: np.ndarray) -> float:
+    """Macro-F1 of predicting the most frequent training label for every passage."""
+    from collections import Counter
+
+    maj = int(Counter(np.asarray(train_labels).tolist()).most_common(1)[0][0])
+    return classification_metrics(y_true, np.full(len(y_true), maj), names, train_labels)["macro_f1"]
 
 
 __all__ = ["PruneClassifierConfig", "DistillClassifierConfig", "EvalClassifierConfig", "prune_classifier",
