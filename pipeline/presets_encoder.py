@@ -3,7 +3,9 @@
 
 - ``encoder-tiny``: seconds per stage; for tests (a 2-layer BERT of width 64).
 - ``encoder-cpu``: the default of ``make all TASK=classify``; the whole encoder pipeline in minutes on 2 idle CPU
-  cores (a 2-layer BERT of width 128 over 64-token blocks, about 0.9M parameters with the 4k vocabulary), fp32
+  cores (a 2-layer BERT of width 128 over 128-token blocks, about 1.0M parameters with the 4k vocabulary; 600
+  masked-LM steps of 16 blocks, 300 classification steps over up to 200 passages a play: the smallest setting
+  measured to beat the majority class on the held-out plays, see results/bench/NOTES.md), fp32
   (bf16 is emulated on CPUs without bf16 instructions, like this machine's AMD EPYC with AVX2 only).
 - ``encoder-gpu``: one or more GPUs, fp16 (8 layers, width 512, 8 heads, MLP 2048: BERT-medium's shape of
   Turc et al., 2019, "Well-Read Students Learn Better"; about 33.7M parameters with the 16k vocabulary).
@@ -33,15 +35,15 @@ ENCODER_PRESETS: dict[str, dict[str, dict]] = {
         "eval": {"batch_sizes": [1, 8], "repeats": 3},
     },
     "encoder-cpu": {
-        "data": {"vocab_size": 4096, "seq_len": 64, "val_fraction": 0.05, "task": "classify"},
+        "data": {"vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05, "task": "classify"},
         "pretrain": {
             "model": {"n_layer": 2, "d_model": 128, "n_head": 4, "d_ff": 512, "dropout": 0.1},
-            "micro_batch_size": 16, "grad_accum": 1, "max_steps": 150, "lr": 1e-3, "warmup_steps": 15,
-            "eval_interval": 150, "save_interval": 150, "log_interval": 10, "eval_batch_size": 64, "precision": "fp32",
+            "micro_batch_size": 16, "grad_accum": 1, "max_steps": 600, "lr": 1e-3, "warmup_steps": 30,
+            "eval_interval": 200, "save_interval": 600, "log_interval": 20, "eval_batch_size": 64, "precision": "fp32",
         },
         "classify": {
-            "micro_batch_size": 16, "max_steps": 100, "lr": 5e-4, "warmup_steps": 10, "eval_interval": 100,
-            "save_interval": 100, "log_interval": 10, "max_passages_per_group": 40, "eval_batch_size": 64,
+            "micro_batch_size": 16, "max_steps": 300, "lr": 5e-4, "warmup_steps": 10, "eval_interval": 100,
+            "save_interval": 300, "log_interval": 10, "max_passages_per_group": 200, "eval_batch_size": 64,
             "precision": "fp32",
         },
         "prune": {"sparsity": 0.5},
