@@ -187,7 +187,7 @@ class HorovodBackend:
                 with opt.skip_synchronize():
                     opt.step()
                 sched.step()
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()  # Horovod 0.28 takes no set_to_none (torch defaults to True)
                 step += 1
                 tokens_seen += global_tokens
                 steps_since_log += 1

@@ -17,4 +17,4 @@ chmod +x "$VENV/cxx17"
 CXX=$(cd "$VENV" && pwd)/cxx17 HOROVOD_CMAKE=$CMAKE HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 \
 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=GLOO \
   "$VENV/bin/python" -m pip install --no-build-isolation --no-cache-dir horovod==0.28.1
-"$VENV/bin/python" -c "import horovod.torch as hvd; print('horovod', hvd.__version__, 'gloo', hvd.gloo_built())"
+"$VENV/bin/python" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "gloo", hvd.gloo_built())'
