@@ -3,6 +3,7 @@
 #   make test                     the test suite
 #   make controls RUN=x           the compression controls (dense+, finetune, scratch; part of make all)
 #   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
+#   make classify TASK=classify LAUNCHER=horovod NGPU=2   stage 02b under horovodrun (scripts/install_horovod.sh first)
 #   make prune FORCE=1 PRUNE_ARGS="--sparsity 0.7"   re-run the named stage(s) alone, --overwrite, changed settings
 #   make clean-run RUN=x          delete results/x;  make lint: ruff;  make tensorboard TB_PORT=6007
 # Variables (override on the command line):
@@ -60,9 +61,17 @@ else ifeq ($(LAUNCHER),deepspeed)
   LAUNCH = $(PY) -m deepspeed.launcher.runner --num_gpus $(NGPU) --master_port $(MASTER_PORT) --no_local_rank $(DS_LAUNCH_ARGS)
 else ifeq ($(LAUNCHER),accelerate)
   LAUNCH = $(PY) -m accelerate.commands.accelerate_cli launch --config_file $(ACCEL_CONFIG) --num_processes $(NGPU) --main_process_port $(MASTER_PORT)
+else ifeq ($(LAUNCHER),horovod)
+  # Horovod runs the classification stage only (--backend horovod); the other stages run as one process
+  ifneq ($(TASK),classify)
+    $(error LAUNCHER=horovod is for TASK=classify (stage 02b); the decoder path runs under python, deepspeed or accelerate)
+  endif
+  LAUNCH := $(PY)
 else
-  $(error LAUNCHER must be python, deepspeed or accelerate, not '$(LAUNCHER)')
+  $(error LAUNCHER must be python, deepspeed, accelerate or horovod, not '$(LAUNCHER)')
 endif
+# stage 02b under horovodrun: NGPU processes on this host, Gloo (pipeline/horovod_backend.py)
+CLASSIFY_LAUNCH = $(if $(filter horovod,$(LAUNCHER)),$(PY) -m horovod.runner.launch -np $(NGPU) -H localhost:$(NGPU) --gloo $(PY),$(LAUNCH))
 
 ifeq ($(filter $(TASK),lm classify),)
   $(error TASK must be lm or classify, not '$(TASK)')
@@ -117,7 +126,7 @@ $(R)/02_pretrain/manifest.json: $(R)/01_data/manifest.json
 	$(LAUNCH) scripts/pretrain_encoder.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(PRETRAIN_ARGS)
 
 $(R)/02b_classify/manifest.json: $(R)/02_pretrain/manifest.json
-	$(LAUNCH) scripts/classify.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto $(CLASSIFY_ARGS)
+	$(CLASSIFY_LAUNCH) scripts/classify.py $(COMMON) --ds_config $(DS_CONFIG) --resume auto$(if $(filter horovod,$(LAUNCHER)), --backend horovod,) $(CLASSIFY_ARGS)
 
 $(R)/03_prune/manifest.json: $(R)/02b_classify/manifest.json
 	$(PY) scripts/prune_classifier.py $(COMMON) --method $(PRUNE_METHOD) --sparsity $(SPARSITY) $(PRUNE_ARGS)

