@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline import dist
-from pipeline.config import config_hash, doc, to_dict
+from pipeline.config import config_hash, doc, legacy_config_hash, to_dict
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
 from pipeline.model import ModelConfig  # noqa: F401 - pipeline.config resolves inherited hints in this module
 from pipeline.sparsity import count_mask_violations, load_export_state_dict  # noqa: F401 (re-exported)
@@ -473,7 +473,7 @@ class DistillConfig(TrainConfig):
 
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the student (see pretrain's --compile); off by default here: its effect under the teacher's "
-        "forward and the chunked KD loss has not been measured.", "off")
+        "forward and the chunked KD loss has not been measured.", "off", run_control=True)
     alpha: float = doc("Weight of the soft (KL) term; 1 - alpha weighs the hard-label cross-entropy.", 0.5)
     temperature: float = doc("Softmax temperature T of the KL term (the term is scaled by T^2, Hinton et al. 2015).",
                              2.0)
@@ -533,8 +533,9 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
     return loss_fn
 
 
-#: fields that change how a run is driven, not what it computes (left out of the config hash, as in stage 02)
-RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress")
+#: what this stage's config hash left out before the run-control fields were marked on the dataclass (it lacked
+#: compile, foreach_checks, defer_overflow and watchdog_s): an output made then is accepted as this run's
+_LEGACY_HASH_IGNORE = ("overwrite", "resume", "halt_after_step", "progress")
 
 _TEACHER_ZERO3_KEYS = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
                        "stage3_max_live_parameters", "stage3_max_reuse_distance", "offload_param")
@@ -629,13 +630,14 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         if sum(revived.values()):
             raise StageError(f"the stage-03 student has {sum(revived.values())} nonzero weights where its masks say "
                              f"pruned; re-run `make prune RUN={cfg.run}`")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
-    prepare_output_dir(out_dir, chash, cfg.overwrite, stage)
+    chash = config_hash(cfg)
+    same_run = (chash, legacy_config_hash(cfg, _LEGACY_HASH_IGNORE))
+    prepare_output_dir(out_dir, chash, cfg.overwrite, stage, also_accept=same_run[1:])
     data = TrainData.from_manifest(data_m)
     if cfg.overwrite and (out_dir / "manifest.json").exists():
         from pipeline.manifest import read_manifest
 
-        if read_manifest(out_dir).get("outputs", {}).get("config_hash") != chash:
+        if read_manifest(out_dir).get("outputs", {}).get("config_hash") not in same_run:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
     from pipeline.engine import init_distributed

@@ -66,9 +66,10 @@ class PruneConfig(CommonConfig):
         "structured: 'torch_pruning' runs torch-pruning on each block's attention and MLP (multi-head "
         "attention only: its graph never finishes on grouped-query attention); 'manual' ranks and slices the "
         "same groups here; 'auto' picks torch_pruning for multi-head attention, manual otherwise.", "auto")
-    eval_batch_size: int = doc("Blocks per forward pass when measuring validation loss.", 8)
+    eval_batch_size: int = doc("Blocks per forward pass when measuring validation loss.", 8, run_control=True)
     eval_tokens: int = doc("Validation tokens scored before and after pruning (0 = the whole split).", 0)
-    device: Literal["auto", "cpu", "cuda"] = doc("Where to prune and evaluate; auto = cuda when available.", "auto")
+    device: Literal["auto", "cpu", "cuda"] = doc("Where to prune and evaluate; auto = cuda when available.", "auto",
+                                                 run_control=True)
     importance: Literal["magnitude", "wanda", "activation"] = doc(
         "How weights are ranked. magnitude: |w| (magnitude/nm) or group magnitude (structured); wanda "
         "(magnitude/nm): |w_ij|·||x_j||_2 over calibration tokens, compared per output row (Sun et al., 2023); "

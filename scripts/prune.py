@@ -42,9 +42,6 @@ from pipeline.prune import PruneConfig, check_model, prune_model, target_sparsit
 from pipeline.sparsity import count_mask_violations, load_export_state_dict, save_masks
 from pipeline.tokens import load_tokens
 
-#: fields that change how the stage runs, not what it makes (left out of the configuration hash)
-RUN_CONTROL = ("overwrite", "device", "eval_batch_size")
-
 
 def load_pretrained(pretrain_manifest: dict, device: str):
     """The stage-02 model (fp32, eval mode, on ``device``) and its tokenizer.
@@ -105,7 +102,7 @@ def main(cfg: PruneConfig) -> dict | None:
                           "pretrained model's": Path(pretrain["_dir"]) / pretrain["outputs"]["model_dir"]},
                          f"re-run `make pretrain RUN={cfg.run}`")
     out = stage_dir(cfg.run_dir(), "prune")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "prune")
     model, tokenizer, model_dir = load_pretrained(pretrain, cfg.resolved_device())
     seq_len = int(data["outputs"]["seq_len"])

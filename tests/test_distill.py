@@ -498,6 +498,36 @@ def test_distill_resume_equals_straight_run(pretrained_template, tmp_path):
     assert sum(count_mask_violations(eb, masks).values()) == 0
 
 
+@pytest.mark.slow
+def test_finished_distill_accepts_run_control_changes(pretrained_template, tmp_path):
+    """A finished stage 04 re-run with another run-control setting (--watchdog_s, --foreach_checks) is the same
+    run; another KD setting is refused; an output hashed the old way (before the fields were marked) still counts."""
+    from pipeline.config import config_hash, legacy_config_hash, parse_cli
+    from pipeline.distill import _LEGACY_HASH_IGNORE, DistillConfig
+    from pipeline.manifest import read_manifest
+
+    results = tmp_path / "results"
+    _upstream(pretrained_template, results, "r", "magnitude")
+    args = ["--run", "r", "--results_dir", str(results), *TINY, "--max_steps", "2", "--save_interval", "2",
+            "--eval_interval", "2", "--ds_config", "ds_configs/zero2_fp16.json", "--precision", "fp32"]
+    _run_stage("distill.py", 1, *args)
+    out = results / "r" / "04_distill"
+    first = read_manifest(out)
+    assert first["outputs"]["config_hash"] == config_hash(parse_cli(DistillConfig, args, "distill", validate=False))
+    _run_stage("distill.py", 1, *args, "--watchdog_s", "60", "--foreach_checks", "false")
+    assert read_manifest(out)["outputs"]["config_hash"] == first["outputs"]["config_hash"]
+    p = _run_stage("distill.py", 1, *args, "--temperature", "3", ok=(2,))
+    assert "different run's distill output" in p.stderr and "--overwrite" in p.stderr
+    # an output written when distill's hash still held compile/foreach_checks/defer_overflow/watchdog_s
+    m = json.loads((out / "manifest.json").read_text())
+    old = legacy_config_hash(parse_cli(DistillConfig, args, "distill", validate=False), _LEGACY_HASH_IGNORE)
+    assert old != m["outputs"]["config_hash"]
+    m["outputs"]["config_hash"] = old
+    (out / "manifest.json").write_text(json.dumps(m))
+    _run_stage("distill.py", 1, *args)  # (the old hash held watchdog_s: the same value as that run's)
+    assert read_manifest(out)["outputs"]["config_hash"] == first["outputs"]["config_hash"]
+
+
 def _write_structured_stage(run_dir: Path, hidden: int = 32) -> None:
     """A stage-03 'structured' output: a narrower LLaMA (random init) sharing the teacher's vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
