@@ -466,7 +466,7 @@ def run_classify(cfg: ClassifyConfig) -> dict | None:
     # distributed evaluation of the exported model on the test split: every rank scores its share
     world, rank = dist.world_size(), dist.rank()
     device = eval_device()
-    from pipeline.engine import without_hf_zero3
+    from pipeline.compat.hf import without_hf_zero3
 
     with without_hf_zero3():  # under accelerate + ZeRO-3 a plain load would be built partitioned (zero.Init)
         clf = load_classifier(out / "model").to(device)

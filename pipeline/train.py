@@ -80,11 +80,11 @@ class TrainConfig(CommonConfig):
         "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto",
         run_control=True)
     foreach_checks: bool = doc("Multi-tensor overflow checks (ZeRO-1/2) and gradient norm (ZeRO-1/2/3), which in "
-                               "fp16 adds no host synchronisation (pipeline.engine.use_foreach_grad_checks).", True,
+                               "fp16 adds no host synchronisation (pipeline.compat.zero_checks).", True,
                                run_control=True)
     defer_overflow: bool = doc("ZeRO-1/2 fp16: launch each optimizer step without waiting for its overflow check, "
                                "which the host reads before the next backward; same updates and skips, no host "
-                               "synchronisation per step (pipeline.fp16_step).", True,
+                               "synchronisation per step (pipeline.compat.fp16_step).", True,
                                run_control=True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
     max_skipped_fraction: float = doc("Stop when more than this share of the last skip_window steps overflowed.",
