@@ -452,7 +452,9 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         masks = load_masks(masks_path) if masks_path is not None else {}
     except FileNotFoundError as e:
         raise StageError(f"{e}: stage 03 lists it; re-run `make prune RUN={cfg.run}`") from None
-    if method in ("magnitude", "nm") and not masks:
+    from pipeline.prune_methods import writes_masks
+
+    if writes_masks(method) and not masks:
         raise StageError(f"stage 03 ({method}) lists no masks; re-run `make prune RUN={cfg.run}`")
     if masks:
         sd = student.state_dict()
