@@ -24,6 +24,12 @@ import numpy as np
 import torch
 
 from pipeline import dist, integrity
+from pipeline.compat.checkpoint import (
+    deepspeed_safe_loading,
+    group_hyperparameters,
+    repair_zero3_universal_load,
+)
+from pipeline.compat.torch_compat import set_last_lr
 from pipeline.manifest import atomic_write_json
 
 MARKER = "complete.json"
@@ -297,9 +303,10 @@ def load(engine, path: str | Path) -> dict:
         except integrity.UnsafeFileError as e:
             raise CheckpointError(str(e)) from None
     universal_z3 = not (path / MARKER).is_file() and (path / "zero").is_dir() and engine.zero_stage == 3
-    groups_before = _group_hyperparameters(engine) if universal_z3 else None
+    groups_before = group_hyperparameters(engine) if universal_z3 else None
     try:
-        with integrity.deepspeed_safe_loading(engine.ds):  # weights_only=True for DeepSpeed's own loads
+        # weights_only=True for DeepSpeed's own loads
+        with deepspeed_safe_loading(engine.ds, integrity.safe_torch_load):
             client_state = engine.load_checkpoint(path.parent, path.name)  # collective: every rank
     except integrity.UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
@@ -334,50 +341,7 @@ def override_peak_lr(engine, lr: float) -> None:
     for group, mult in zip(sched.optimizer.param_groups, mults):
         group["initial_lr"] = float(lr)
         group["lr"] = float(lr) * mult
-    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
-
-
-_GROUP_KEEP = ("params", "lr", "initial_lr", "step")
-
-
-def _torch_optimizer(engine):
-    opt = engine.ds.optimizer
-    return getattr(opt, "optimizer", opt)  # ZeRO's wrapper holds the torch optimizer
-
-
-def _group_hyperparameters(engine) -> list[dict]:
-    return [{k: v for k, v in g.items() if k not in _GROUP_KEEP} for g in _torch_optimizer(engine).param_groups]
-
-
-def repair_zero3_universal_load(engine, groups_before: list[dict]) -> list[str]:
-    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (``DeepSpeedZeroOptimizer_Stage3.
-    load_hp_checkpoint_state_from_checkpoint_dir_stage3``); returns what was repaired (for the log).
-
-    1. It copies param group 0's hyperparameters into every group: the no-decay group (norms, biases) gets the
-       matrices' ``weight_decay``.  The groups' own values, from this run's configuration (which the checkpoint's
-       config hash matches), are put back.
-    2. It assigns one and the same ``step`` tensor to every sub-group's Adam state; ``torch.optim.Adam(W)``
-       increments each state's ``step`` in place, so the shared counter advances once per sub-group and every
-       step's bias correction is wrong.  Each state gets its own copy.
-
-    Both are no-ops where DeepSpeed already does it right.  Every rank must call this (no communication).
-    """
-    opt = _torch_optimizer(engine)
-    done = []
-    for g, before in zip(opt.param_groups, groups_before):
-        changed = {k: (g.get(k), v) for k, v in before.items() if g.get(k) != v}
-        if changed:
-            g.update(before)
-            done.append(f"param group hyperparameters {sorted(changed)}")
-    seen: set[int] = set()
-    for st in opt.state.values():
-        step = st.get("step")
-        if torch.is_tensor(step):
-            if id(step) in seen:
-                st["step"] = step.clone()
-                done.append("shared Adam step")
-            seen.add(id(st["step"]))
-    return sorted(set(done))
+    set_last_lr(sched, [g["lr"] for g in sched.optimizer.param_groups])
 
 
 def _ds_version() -> str:

@@ -465,7 +465,7 @@ def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
     from pipeline.manifest import atomic_write_json, prepare_output_dir, require_stage, stage_dir
     from pipeline.manifest import write_manifest as _write_manifest
     from pipeline.metrics import MetricsLogger
-    from pipeline.train import RUN_CONTROL, TrainData, run_training
+    from pipeline.train import TrainData, run_training
 
     t0 = time.time()
     data_m = require_stage(cfg.run_dir(), "data", cfg.run)
@@ -480,7 +480,7 @@ def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
         encoder_dir = Path(pre["_dir"]) / pre["outputs"]["model_dir"]
         inputs["pretrain"] = pre["_dir"]
     out = stage_dir(cfg.run_dir(), "classify")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "classify")
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     seq_len = int(data_m["outputs"]["seq_len"])
@@ -505,7 +505,7 @@ def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
     # distributed evaluation of the exported model on the test split: every rank scores its share
     world, rank = dist.world_size(), dist.rank()
     device = eval_device()
-    from pipeline.engine import without_hf_zero3
+    from pipeline.compat.hf import without_hf_zero3
 
     with without_hf_zero3():  # under accelerate + ZeRO-3 a plain load would be built partitioned (zero.Init)
         clf = load_classifier(out / "model").to(device)

@@ -109,7 +109,7 @@ def prune_classifier(cfg: PruneClassifierConfig) -> dict | None:
         StageError: the classification stage missing, a method or option that does not fit a BERT classifier.
     """
     from pipeline import dist
-    from pipeline.config import config_hash, to_dict
+    from pipeline.config import config_hash, legacy_config_hash, to_dict
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.model import count_params
     from pipeline.sparsity import apply_masks, compute_masks, save_masks, sparsity_report
@@ -123,7 +123,8 @@ def prune_classifier(cfg: PruneClassifierConfig) -> dict | None:
                          "and the model would not reload; prune MLP channels only (--head_ratio 0, --mlp_ratio R)")
     out = stage_dir(run_dir, "prune")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "prune")
+    # before device and eval_batch_size were marked run-control, this stage's hash held them: accept that output
+    prepare_output_dir(out, chash, cfg.overwrite, "prune", also_accept=(legacy_config_hash(cfg, ("overwrite",)),))
     if not dist.is_rank0():
         return None
     device = cfg.resolved_device()
@@ -230,7 +231,7 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
-    from pipeline.train import RUN_CONTROL, TrainData, run_training
+    from pipeline.train import TrainData, run_training
 
     t0 = time.time()
     run_dir = cfg.run_dir()
@@ -243,7 +244,7 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
     if teacher is not None:
         teacher.requires_grad_(False)
     out = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, stage)
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=student_dir, seq_len=seq_len,

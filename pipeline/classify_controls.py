@@ -160,7 +160,7 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params
     from pipeline.sparsity import count_mask_violations, load_export_state_dict
-    from pipeline.train import RUN_CONTROL, TrainData, run_training
+    from pipeline.train import TrainData, run_training
 
     t0 = time.time()
     name = cfg.control
@@ -186,7 +186,7 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
                                   extra_outputs=extra)
 
     masks_path, masks = student_masks(prune_m) if name == "scratch" else (None, {})
-    chash = config_hash(tc, ignore=RUN_CONTROL)
+    chash = config_hash(tc)
     prepare_output_dir(out, chash, tc.overwrite, f"control {name}")
     cls_m, data_m, dense_dir, sets, names = _datasets(run_dir, cfg.run)
     if name == "dense_plus":

@@ -35,9 +35,17 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
-def doc(text: str, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
-    """A dataclass field with its docstring kept in ``metadata['help']`` (shown by ``--help``)."""
-    kw: dict[str, Any] = {"metadata": {"help": text}}
+def doc(text: str, default: Any = MISSING, default_factory: Any = MISSING, *, run_control: bool = False) -> Any:
+    """A dataclass field with its docstring kept in ``metadata['help']`` (shown by ``--help``).
+
+    ``run_control=True`` marks a field that changes how a run is driven (resume, progress bar, watchdog, which
+    kernels compute the same numbers), not what it computes: :func:`config_hash` leaves it out, so a finished
+    stage re-run with another value is still the same run.  A subclass that redeclares the field marks it again.
+    """
+    meta: dict[str, Any] = {"help": text}
+    if run_control:
+        meta["run_control"] = True
+    kw: dict[str, Any] = {"metadata": meta}
     if default is not MISSING:
         kw["default"] = default
     if default_factory is not MISSING:
@@ -53,7 +61,8 @@ class CommonConfig:
     results_dir: str = doc("Root folder of all runs.", "results")
     preset: str = doc("Named preset whose section for this stage is applied before --config and overrides.", "cpu")
     seed: int = doc("Seed for every random choice of the stage (split, init, data order, masks).", 1234)
-    overwrite: bool = doc("Replace an existing stage output made with a different configuration.", False)
+    overwrite: bool = doc("Replace an existing stage output made with a different configuration.", False,
+                          run_control=True)
 
     def run_dir(self) -> Path:
         return Path(self.results_dir) / self.run
@@ -285,7 +294,29 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Any, ignore: tuple[str, ...] = ("overwrite",)) -> str:
-    """A short sha256 of the configuration (without ``ignore`` keys), to tell runs apart."""
+def run_control_fields(cfg: Any) -> tuple[str, ...]:
+    """Names of the top-level fields of ``cfg`` (a dataclass or its class) marked ``run_control`` (see :func:`doc`)."""
+    return tuple(f.name for f in fields(cfg) if f.metadata.get("run_control"))
+
+
+def config_hash(cfg: Any, also_ignore: tuple[str, ...] = ()) -> str:
+    """A short sha256 (16 hex digits) of the configuration, to tell runs apart.
+
+    Left out: the fields marked ``run_control`` (:func:`run_control_fields`) and ``also_ignore`` (e.g. settings a
+    checkpoint resumes across, or a field whose default keeps the hash of runs made before it existed).
+    """
+    return _hash_without(cfg, set(run_control_fields(cfg)) | set(also_ignore))
+
+
+def legacy_config_hash(cfg: Any, ignore: tuple[str, ...]) -> str:
+    """The hash as a stage computed it before run-control fields were marked: without exactly ``ignore``.
+
+    A stage whose old list differed from its marked fields passes this to
+    :func:`pipeline.manifest.prepare_output_dir` so that its own earlier output is still accepted.
+    """
+    return _hash_without(cfg, set(ignore))
+
+
+def _hash_without(cfg: Any, ignore: set[str]) -> str:
     d = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -76,9 +76,10 @@ class ControlConfig(CommonConfig):
                                   "budget); a preset sets it when the whole budget does not fit its time budget.", 0)
     ds_config: str = doc("DeepSpeed config template ('': the one the recipe's stage ran with).", "")
     precision: str = doc("auto, fp16, bf16 or fp32 ('': the precision the recipe's stage asked for).", "")
-    resume: str = doc("'auto' (newest complete checkpoint), 'none', or a checkpoint dir.", "auto")
-    progress: bool = doc("Show a progress bar on rank 0.", True)
-    halt_after_step: int = doc("Stop right after this step's checkpoint as if killed (resume drills); 0 = never.", 0)
+    resume: str = doc("'auto' (newest complete checkpoint), 'none', or a checkpoint dir.", "auto", run_control=True)
+    progress: bool = doc("Show a progress bar on rank 0.", True, run_control=True)
+    halt_after_step: int = doc("Stop right after this step's checkpoint as if killed (resume drills); 0 = never.", 0,
+                               run_control=True)
 
     def validate(self) -> list[str]:
         p = []
@@ -267,7 +268,7 @@ def train_control(cfg: ControlConfig) -> dict | None:
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params, load_model
     from pipeline.sparsity import count_mask_violations, load_export_state_dict
-    from pipeline.train import RUN_CONTROL, TrainData, run_training
+    from pipeline.train import TrainData, run_training
 
     t0 = time.time()
     name = cfg.control
@@ -288,7 +289,7 @@ def train_control(cfg: ControlConfig) -> dict | None:
         return distill(tc, out_dir=out, stage="finetune", tb_name=f"controls/{name}", extra_outputs=extra)
 
     masks_path, masks = student_masks(mans["prune"]) if name != "dense_plus" else (None, {})
-    chash = config_hash(tc, ignore=RUN_CONTROL)
+    chash = config_hash(tc)
     prepare_output_dir(out, chash, tc.overwrite, f"control {name}")
     data = TrainData.from_manifest(mans["data"])
     if name == "dense_plus":

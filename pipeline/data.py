@@ -352,7 +352,7 @@ def prepare(cfg: DataConfig) -> dict:
     t0 = time.time()
     out = stage_dir(cfg.run_dir(), "data")
     # the default task leaves the hash as it was before the field existed (earlier runs stay valid)
-    chash = config_hash(cfg, ignore=("overwrite", "task") if cfg.task == "lm" else ("overwrite",))
+    chash = config_hash(cfg, also_ignore=("task",) if cfg.task == "lm" else ())
     prepare_output_dir(out, chash, cfg.overwrite, "data")
     docs, names = read_corpus(cfg)
     train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)

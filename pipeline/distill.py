@@ -8,7 +8,8 @@ Three independent parts, used by ``scripts/distill.py`` through the shared train
   fp16/bf16 logits, ignoring masked/padded positions.
 - :class:`MaskKeeper`: after every optimizer step, re-zeroes the pruned weights in DeepSpeed's fp32
   master weights, in Adam's ``exp_avg``/``exp_avg_sq``, and in the module's (low-precision) weights,
-  for ZeRO stages 0-3, through the fragments that ``deepspeed.utils.safe_*`` read and write.
+  for ZeRO stages 0-3, through the fragments that ``deepspeed.utils.safe_*`` read and write (it lives in
+  :mod:`pipeline.compat.zero_masks`: it reaches into DeepSpeed's optimizer state).
 - :func:`prepare_teacher`: the stage-02 model frozen (``eval()``, no gradients, no optimizer state) in
   the run's dtype on the student's device; under ZeRO-3 partitioned across ranks with DeepSpeed's
   inference-style ZeRO-3 engine instead of being replicated.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal  # noqa: F401 - Literal: see below
@@ -29,7 +30,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline import dist
-from pipeline.config import config_hash, doc, to_dict
+from pipeline.compat.zero_masks import (  # MaskKeeper re-exported (controls, encoder path)
+    MaskKeeper,
+    param_bytes,
+)
+from pipeline.config import config_hash, doc, legacy_config_hash, to_dict
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
 from pipeline.model import ModelConfig  # noqa: F401 - pipeline.config resolves inherited hints in this module
 from pipeline.sparsity import count_mask_violations, load_export_state_dict  # noqa: F401 (re-exported)
@@ -184,163 +189,6 @@ def hidden_mse(
 # keeping pruned weights at zero under DeepSpeed
 
 
-def _named_params_all(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name -> parameter, tied parameters under every name they have in ``state_dict()``."""
-    return dict(module.named_parameters(remove_duplicate=False))
-
-
-class MaskKeeper:
-    """Re-zero pruned weights after each optimizer step, everywhere a weight lives in a DeepSpeed run.
-
-    A pruned weight revives if only the module's copy is zeroed: with fp16/bf16, DeepSpeed keeps fp32
-    master weights and copies them into the module after each step; and Adam's ``exp_avg``/
-    ``exp_avg_sq`` keep moving a weight whose gradient alone is masked. So after each step this zeroes,
-    where the mask is 0:
-
-    - the fp32 master weights and every optimizer state tensor of the parameter's shape (Adam:
-      ``exp_avg``, ``exp_avg_sq``),
-    - the module's weights (fp16/bf16/fp32), which are what ``save_checkpoint`` and the export read.
-
-    Per ZeRO stage, only this rank's share is touched and nothing is communicated:
-
-    - ZeRO-3: the local partitions, through ``deepspeed.utils.safe_get_local_fp32_param`` /
-      ``safe_set_local_fp32_param`` / ``safe_{get,set}_local_optimizer_state``, plus ``param.ds_tensor``
-      (the module's partition) and, for parameters kept gathered (``stage3_param_persistence_threshold``),
-      the gathered ``param.data``. Rank ``r`` of the parameter's partition group holds elements
-      ``[r·n, (r+1)·n)`` of the flattened weight (``n = param.ds_tensor.numel()``, zero-padded at the end).
-    - ZeRO-1/2 and DeepSpeed's bf16 optimizer: the fragments that ``safe_set_full_fp32_param`` /
-      ``safe_set_full_optimizer_state`` write (``param._hp_mapping.get_hp_fragment(key)``, the
-      ``deepspeed.utils.tensor_fragment`` API), in place, which avoids the all-reduce of
-      ``safe_get_full_*``; the module's weight is whole on every rank.
-    - no ZeRO with an fp32 torch optimizer: the parameter itself and ``optimizer.state[param]``.
-
-    Gradients are not masked: a pruned weight's gradient still counts in the gradient norm (and
-    clipping) and moves Adam's state for one step, which this then zeroes again.
-
-    Args:
-        engine: the ``deepspeed`` engine (or, without DeepSpeed, the module), after ``initialize``.
-        masks: parameter name (as in ``model.state_dict()``) -> bool/uint8 tensor of the weight's full
-            shape, nonzero = kept (the stage-03 ``masks.safetensors``).
-        optimizer: the torch optimizer when ``engine`` is a plain module (ignored otherwise).
-
-    Raises:
-        ValueError: a mask names no parameter of the model, or its shape differs from the weight's;
-            or the optimizer keeps master weights this class cannot reach (fp16 without ZeRO).
-    """
-
-    def __init__(self, engine: Any, masks: Mapping[str, torch.Tensor], optimizer: Any = None):
-        engine = getattr(engine, "ds", engine)  # pipeline.engine.Engine wraps the DeepSpeedEngine as .ds
-        self.engine = engine
-        module = getattr(engine, "module", engine)
-        self.optimizer = getattr(engine, "optimizer", None) if module is not engine else optimizer
-        params = _named_params_all(module)
-        problems = []
-        by_param: dict[int, tuple[torch.nn.Parameter, torch.Tensor, str]] = {}
-        for name, m in masks.items():
-            p = params.get(name)
-            if p is None:
-                problems.append(f"mask '{name}' names no parameter of the model")
-                continue
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if tuple(m.shape) != shape:
-                problems.append(f"mask '{name}' has shape {tuple(m.shape)}, the weight {shape}")
-                continue
-            by_param[id(p)] = (p, m.to(torch.bool), name)  # tied weights: one entry per tensor
-        if problems:
-            raise ValueError("masks do not fit the model (wrong stage-03 output or model?):\n  - "
-                             + "\n  - ".join(problems))
-        self._entries: list[dict[str, Any]] = []
-        for p, m, name in by_param.values():
-            self._entries.append(self._plan(p, m, name))
-
-    # how each parameter is reached ------------------------------------------------------------
-    def _plan(self, p: torch.nn.Parameter, mask: torch.Tensor, name: str) -> dict[str, Any]:
-        if hasattr(p, "ds_id"):  # ZeRO-3
-            import torch.distributed as tdist
-
-            n = p.ds_tensor.numel()
-            group = getattr(p, "ds_process_group", None)
-            r = tdist.get_rank(group=group) if tdist.is_initialized() else 0
-            flat = mask.reshape(-1)
-            local = torch.ones(n, dtype=torch.bool)  # padding beyond ds_numel: leave as is
-            lo, hi = min(r * n, flat.numel()), min((r + 1) * n, flat.numel())
-            local[: hi - lo] = flat[lo:hi]
-            return {"kind": "zero3", "p": p, "name": name, "full": mask.to(p.ds_tensor.device),
-                    "local": local.to(p.ds_tensor.device)}
-        if getattr(p, "_hp_mapping", None) is not None or hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer
-            frag = None
-            if p._hp_mapping is not None:
-                a = p._hp_mapping.lp_fragment_address
-                frag = mask.reshape(-1).narrow(0, a.start, a.numel)
-                frag = frag.to(p._hp_mapping.get_hp_fragment().device)
-            return {"kind": "fragment", "p": p, "name": name, "full": mask.to(p.device), "frag": frag}
-        opt = self.optimizer
-        if opt is not None and hasattr(opt, "fp32_groups_flat"):
-            raise ValueError("fp16 without ZeRO keeps fp32 master weights that masks cannot reach; "
-                             "use ZeRO stage 1, 2 or 3 (zero_optimization.stage) for a pruned student")
-        return {"kind": "plain", "p": p, "name": name, "full": mask.to(p.device)}
-
-    # the work, after each optimizer step ----------------------------------------------------
-    @torch.no_grad()
-    def apply(self, engine: Any = None) -> None:
-        """Zero the pruned weights (masters, optimizer states, module weights); call after every step.
-
-        Each rank zeroes its own share; every rank must call it (under ZeRO it is a per-rank operation
-        on local data, no collective, but skipping it on one rank leaves that rank's share unmasked).
-        Usable directly as the training loop's ``after_step(engine)``.
-        """
-        from deepspeed.utils import (
-            safe_get_local_fp32_param,
-            safe_get_local_optimizer_state,
-            safe_set_local_fp32_param,
-            safe_set_local_optimizer_state,
-        )
-
-        for e in self._entries:
-            p, kind = e["p"], e["kind"]
-            if kind == "zero3":
-                keep = e["local"]
-                if p.requires_grad and hasattr(p, "_z3_optimizer"):
-                    v = safe_get_local_fp32_param(p)
-                    safe_set_local_fp32_param(p, v.masked_fill(~keep.to(v.device), 0))
-                    for key in self._z3_state_keys(p):
-                        v = safe_get_local_optimizer_state(p, key)
-                        safe_set_local_optimizer_state(p, v.masked_fill(~keep.to(v.device), 0), key)
-                p.ds_tensor.data.masked_fill_(~keep, 0)
-                if p.data.numel() == p.ds_numel:  # gathered (persistent or currently in use)
-                    p.data.masked_fill_(~e["full"].view_as(p.data), 0)
-            elif kind == "fragment":
-                hm = p._hp_mapping
-                if hm is not None and e["frag"] is not None:
-                    keep = e["frag"]
-                    hm.get_hp_fragment().data.masked_fill_(~keep, 0)
-                    if hm.optim_fragment:
-                        for key in hm.get_optim_state_keys():
-                            hm.get_hp_fragment(key).data.masked_fill_(~keep, 0)
-                p.data.masked_fill_(~e["full"], 0)
-            else:
-                p.data.masked_fill_(~e["full"], 0)
-                st = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-                for v in st.values():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        v.masked_fill_(~e["full"], 0)
-
-    __call__ = apply
-
-    @staticmethod
-    def _z3_state_keys(p: torch.nn.Parameter) -> list[str]:
-        """Optimizer state keys of the parameter's fp32 partition that have its shape (Adam: exp_avg, exp_avg_sq)."""
-        opt = p._z3_optimizer
-        flat = opt.fp32_partitioned_groups_flat[opt.grad_position[opt.get_param_id(p)][0]]
-        state = opt.optimizer.state.get(flat, {})
-        return [k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape]
-
-    def names(self) -> list[str]:
-        """Names of the masked parameters (one per tensor; tied weights once)."""
-        return [e["name"] for e in self._entries]
-
-
-
 # ---------------------------------------------------------------------------------------------
 # the teacher
 
@@ -378,7 +226,7 @@ class Teacher:
 
     def measure(self) -> int:
         """Re-measure :attr:`param_bytes_per_rank` (call after a forward); returns it."""
-        self.param_bytes_per_rank = _param_bytes(self.module, local=True)
+        self.param_bytes_per_rank = param_bytes(self.module, local=True)
         return self.param_bytes_per_rank
 
     @torch.no_grad()
@@ -388,20 +236,6 @@ class Teacher:
         Under ZeRO-3 every rank must call it with a batch (the layers' weights are gathered collectively).
         """
         return self.module(input_ids=input_ids, **kwargs)
-
-
-def _param_bytes(module: torch.nn.Module, local: bool) -> int:
-    """Bytes of a module's parameters: all of them (``local=False``), or what this rank holds now: under
-    ZeRO-3 its partitions (``ds_tensor``) plus any parameter currently gathered (persistent small ones)."""
-    total = 0
-    for p in module.parameters():
-        if not hasattr(p, "ds_tensor"):
-            total += p.numel() * p.element_size()
-        elif not local:
-            total += p.ds_numel * p.ds_tensor.element_size()
-        else:
-            total += p.ds_tensor.numel() * p.ds_tensor.element_size() + p.data.numel() * p.data.element_size()
-    return total
 
 
 def prepare_teacher(model_dir: str | Any, dtype: torch.dtype, device: torch.device | str, zero_stage: int,
@@ -431,14 +265,14 @@ def prepare_teacher(model_dir: str | Any, dtype: torch.dtype, device: torch.devi
     else:
         from transformers import AutoModelForCausalLM
 
-        from pipeline.engine import without_hf_zero3
+        from pipeline.compat.hf import without_hf_zero3
 
         # built whole on every rank whatever the launcher; ZeRO-3 partitions it in deepspeed.initialize below
         with without_hf_zero3():
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
     model.eval()
     model.requires_grad_(False)
-    full = _param_bytes(model, local=False)
+    full = param_bytes(model, local=False)
     engine = None
     if zero_stage == 3:
         import deepspeed
@@ -455,7 +289,7 @@ def prepare_teacher(model_dir: str | Any, dtype: torch.dtype, device: torch.devi
         model.eval()
     else:
         model.to(device)
-    return Teacher(model, engine, dtype, full, _param_bytes(model, local=True))
+    return Teacher(model, engine, dtype, full, param_bytes(model, local=True))
 
 
 
@@ -473,7 +307,7 @@ class DistillConfig(TrainConfig):
 
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the student (see pretrain's --compile); off by default here: its effect under the teacher's "
-        "forward and the chunked KD loss has not been measured.", "off")
+        "forward and the chunked KD loss has not been measured.", "off", run_control=True)
     alpha: float = doc("Weight of the soft (KL) term; 1 - alpha weighs the hard-label cross-entropy.", 0.5)
     temperature: float = doc("Softmax temperature T of the KL term (the term is scaled by T^2, Hinton et al. 2015).",
                              2.0)
@@ -533,8 +367,9 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
     return loss_fn
 
 
-#: fields that change how a run is driven, not what it computes (left out of the config hash, as in stage 02)
-RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress")
+#: what this stage's config hash left out before the run-control fields were marked on the dataclass (it lacked
+#: compile, foreach_checks, defer_overflow and watchdog_s): an output made then is accepted as this run's
+_LEGACY_HASH_IGNORE = ("overwrite", "resume", "halt_after_step", "progress")
 
 _TEACHER_ZERO3_KEYS = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
                        "stage3_max_live_parameters", "stage3_max_reuse_distance", "offload_param")
@@ -617,7 +452,9 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         masks = load_masks(masks_path) if masks_path is not None else {}
     except FileNotFoundError as e:
         raise StageError(f"{e}: stage 03 lists it; re-run `make prune RUN={cfg.run}`") from None
-    if method in ("magnitude", "nm") and not masks:
+    from pipeline.prune_methods import writes_masks
+
+    if writes_masks(method) and not masks:
         raise StageError(f"stage 03 ({method}) lists no masks; re-run `make prune RUN={cfg.run}`")
     if masks:
         sd = student.state_dict()
@@ -629,13 +466,14 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         if sum(revived.values()):
             raise StageError(f"the stage-03 student has {sum(revived.values())} nonzero weights where its masks say "
                              f"pruned; re-run `make prune RUN={cfg.run}`")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
-    prepare_output_dir(out_dir, chash, cfg.overwrite, stage)
+    chash = config_hash(cfg)
+    same_run = (chash, legacy_config_hash(cfg, _LEGACY_HASH_IGNORE))
+    prepare_output_dir(out_dir, chash, cfg.overwrite, stage, also_accept=same_run[1:])
     data = TrainData.from_manifest(data_m)
     if cfg.overwrite and (out_dir / "manifest.json").exists():
         from pipeline.manifest import read_manifest
 
-        if read_manifest(out_dir).get("outputs", {}).get("config_hash") != chash:
+        if read_manifest(out_dir).get("outputs", {}).get("config_hash") not in same_run:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
     from pipeline.engine import init_distributed

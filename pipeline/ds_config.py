@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dist
+from pipeline.compat.torch_compat import cpu_has_native_bf16
 from pipeline.config import ConfigError
 from pipeline.manifest import atomic_write_json
 
@@ -498,23 +499,6 @@ def write_resolved(cfg: dict, out_dir: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, cfg)
     return path
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch detects it.
-
-    On CPUs without either (AVX2-only, many AVX-512 parts) PyTorch emulates bf16 GEMMs: one 2048×256×768
-    matmul measured 5× slower in bf16 than in fp32 on an AVX2 EPYC (``results/bench/NOTES.md``, 2026-12-03).
-    Reads PyTorch's private ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (present in
-    2.4-2.13); where neither exists, returns ``True`` (the behaviour before this check: bf16).
-    """
-    import torch
-
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [p for p in probes if callable(p)]
-    if not probes:
-        return True
-    return any(bool(p()) for p in probes)
 
 
 def resolve_precision(requested: str, device_type: str) -> tuple[str, str | None]:

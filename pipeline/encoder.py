@@ -268,12 +268,13 @@ def build_encoder(mcfg: EncoderModelConfig, vocab_size: int, seq_len: int, pad_i
                   seed: int | None = None):
     """A freshly initialised ``BertForMaskedLM`` (fp32, CPU, SDPA attention); ``seed`` seeds the initialisation
     so every rank builds the same weights."""
-    from transformers import BertForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
     config = bert_config(mcfg, vocab_size, seq_len, pad_id)
     if seed is not None:
         torch.manual_seed(seed)
-    return BertForMaskedLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    # the public entry: it calls BertForMaskedLM._from_config with the same arguments
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

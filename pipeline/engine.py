@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 from pipeline import dist
+from pipeline.compat.hf import without_hf_zero3
+from pipeline.compat.torch_compat import eager_forward, is_persistent_buffer
+from pipeline.compat.zero_checks import use_foreach_grad_checks
 
 LAUNCHER_ENV = dist.LAUNCHER_ENV
 
@@ -120,7 +123,7 @@ class StepResult:
     """What one optimizer step did (read on every rank; identical on all).
 
     ``applied`` (False: skipped because of an fp16 overflow) and ``loss_scale`` (the loss scale after the step;
-    1.0 without fp16) are host values.  With the deferred overflow check (:mod:`pipeline.fp16_step`) they are
+    1.0 without fp16) are host values.  With the deferred overflow check (:mod:`pipeline.compat.fp16_step`) they are
     known only once the host has read the step's overflow flag, which it does before the next backward; reading
     them earlier reads the flag then (waiting for the GPU to reach it).  The gradient norm stays on the device
     until :attr:`grad_norm` is read: that waits for the optimizer step's kernels (a host synchronisation), so the
@@ -190,7 +193,7 @@ class Engine:
         self.min_loss_scale = float(fp16.get("min_loss_scale", 1.0)) if precision == "fp16" else None
         self.compiled = False  # set by compile(); the loss functions read it
         self.foreach_checks = False  # set by build_engine (use_foreach_grad_checks)
-        self.deferred = None  # set by build_engine: the pipeline.fp16_step.DeferredOverflowStep, if installed
+        self.deferred = None  # set by build_engine: the pipeline.compat.fp16_step.DeferredOverflowStep, if installed
 
     # -- compilation -----------------------------------------------------------------------------
     def compile(self) -> None:
@@ -204,13 +207,8 @@ class Engine:
     def uncompiled(self):
         """Run the block with the model's eager forward (evaluation, text samples): their shapes change
         (last partial batch, growing sequences), and compiling each shape would cost more than it saves."""
-        mod = self.module
-        saved = getattr(mod, "_compiled_call_impl", None)
-        mod._compiled_call_impl = None
-        try:
+        with eager_forward(self.module):
             yield
-        finally:
-            mod._compiled_call_impl = saved
 
     # -- forward / backward / step -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -252,7 +250,7 @@ class Engine:
 
     def settle(self) -> None:
         """Read the last optimizer step's outcome now if it is still on the device (the deferred overflow check,
-        :mod:`pipeline.fp16_step`); afterwards the loss scale, skip count and LR are DeepSpeed's final values.
+        :mod:`pipeline.compat.fp16_step`); afterwards the loss scale, skip count and LR are DeepSpeed's final values.
         A no-op otherwise.
 
         Raises:
@@ -358,7 +356,7 @@ class Engine:
                 out[name] = full.detach().float().cpu().clone()
         for mod_name, mod in self.module.named_modules():
             for b_name, b in mod.named_buffers(recurse=False):
-                if b is not None and b_name not in mod._non_persistent_buffers_set and self.rank == 0:
+                if b is not None and is_persistent_buffer(mod, b_name) and self.rank == 0:
                     out[f"{mod_name}.{b_name}" if mod_name else b_name] = b.detach().cpu().clone()
         return out if self.rank == 0 else None
 
@@ -400,153 +398,6 @@ class Engine:
         return out_dir
 
 
-def squared_norm_sum(gradients: list, device: Any) -> torch.Tensor:
-    """Sum over ``gradients`` of each tensor's squared L2 norm: a 0-d fp32 tensor on the device, computed with
-    multi-tensor kernels (``torch._foreach_norm`` with fp32 accumulation).  ``None`` entries, empty tensors and
-    ZeRO's alignment padding (``_zero_padding``) are left out; with nothing left the sum is 0 on ``device``.
-    No host synchronisation.  It is not finite exactly when some fp16 gradient is inf/NaN (see
-    :func:`use_foreach_grad_checks`)."""
-    grads = [g for g in gradients if g is not None and not getattr(g, "_zero_padding", False) and g.numel() > 0]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-
-
-#: attribute set on a gradient-norm tensor known to be finite and non-negative (see use_foreach_grad_checks)
-_KNOWN_VALID = "_pipeline_norm_known_valid"
-
-
-def _install_known_valid_norms() -> None:
-    """Wrap ``is_invalid_grad_norm`` and ``combine_grad_norm_groups`` as DeepSpeed's ZeRO modules see them
-    (``deepspeed.runtime.zero.stage_1_and_2`` and ``.stage3``; idempotent).
-
-    ``combine_grad_norm_groups`` marks its result known-valid when every group norm it combines is;
-    ``is_invalid_grad_norm`` returns False for a known-valid tensor without reading it (DeepSpeed's reads
-    the device: a host synchronisation) and defers to DeepSpeed's for everything else, so unmarked norms
-    behave exactly as before."""
-    import deepspeed.runtime.zero.stage3 as z3
-    import deepspeed.runtime.zero.stage_1_and_2 as z12
-
-    for mod in (z12, z3):
-        if getattr(mod.is_invalid_grad_norm, "_pipeline_wrapped", False):
-            continue
-        ds_invalid, ds_combine = mod.is_invalid_grad_norm, mod.combine_grad_norm_groups
-
-        def is_invalid_grad_norm(norm, _ds=ds_invalid):
-            if torch.is_tensor(norm) and getattr(norm, _KNOWN_VALID, False):
-                return False
-            return _ds(norm)
-
-        def combine_grad_norm_groups(norm_groups, *args, _ds=ds_combine, **kwargs):
-            norm_groups = list(norm_groups)
-            out = _ds(norm_groups, *args, **kwargs)
-            if norm_groups and all(torch.is_tensor(n) and getattr(n, _KNOWN_VALID, False) for n in norm_groups):
-                setattr(out, _KNOWN_VALID, True)
-            return out
-
-        is_invalid_grad_norm._pipeline_wrapped = True
-        mod.is_invalid_grad_norm, mod.combine_grad_norm_groups = is_invalid_grad_norm, combine_grad_norm_groups
-
-
-def use_foreach_grad_checks(optimizer: Any) -> bool:
-    """Replace the per-tensor overflow and gradient-norm loops of DeepSpeed's ZeRO optimizers by
-    multi-tensor (``torch._foreach_norm``) forms; returns True when it did.
-
-    DeepSpeed 0.19.8's ZeRO-1/2 ``DeepSpeedZeroOptimizer`` checks each gradient of the rank's partition for
-    inf/NaN with two reductions per tensor (``has_overflow_partitioned_grads_serial``), and both it and the
-    ZeRO-3 ``DeepSpeedZeroOptimizer_Stage3`` compute the global norm with a cast and a norm per tensor
-    (``get_grad_norm_direct``): several hundred small kernels per step for a 12-layer model, launched after
-    a host synchronisation (the overflow flag's ``.item()``), so the GPU idles while the host launches them.
-    The replacement computes every tensor's L2 norm (fp32 accumulation) in a few multi-tensor kernels:
-
-    - overflow (ZeRO-1/2; ZeRO-3 already checks its flat gradient buffer at once): a gradient holds inf/NaN
-      exactly when its norm is not finite (fp16 gradients are at most 65504 in magnitude, so the fp32 sum of
-      squares of even 10^9 of them stays below 5e18, far from the fp32 limit of 3.4e38);
-    - norm: ``sqrt(sum_i ||g_i||^2)`` summed over the partition's process group, with the same invalid-norm
-      sentinel (-1 for inf/NaN) DeepSpeed uses, so clipping and skipping behave as before; the sentinel is
-      written with a scalar ``masked_fill_`` (DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` copies a
-      host tensor to the device and reads a device scalar back: two host synchronisations per group);
-    - validity: DeepSpeed then asks ``is_invalid_grad_norm`` of the combined norm (a host synchronisation
-      each time: three per ZeRO-1/2 step, one per ZeRO-3 step).  When the fp16 overflow check of the same
-      step has just passed, every gradient is finite, so the fp32 norm above is finite and non-negative and
-      the answer is known: such norms are marked, and :func:`_install_known_valid_norms` answers for them
-      without reading the device.  Every other norm (bf16, whose finite values can still overflow an fp32
-      sum of squares; no overflow check; DeepSpeed's own loops) still gets DeepSpeed's check.
-
-    Left alone (returns False) for anything else: other optimizer classes (no ZeRO, BF16_Optimizer), CPU or
-    NVMe offload, MoE or AutoEP layers, model or pipeline parallelism, or a DeepSpeed version without these
-    methods.  Non-L2 norms and ZeRO-3 AutoEP expert groups fall back to DeepSpeed's own method at call time.
-
-    One difference from DeepSpeed remains: its norm accumulates in fp64, this one in fp32.  For fp16 that
-    changes nothing (see above); in bf16 a finite gradient above about 1.8e19 would make this norm overflow
-    and the step be skipped, where DeepSpeed would clip it.
-    """
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    except ImportError:
-        return False
-    stage3 = type(optimizer) is DeepSpeedZeroOptimizer_Stage3
-    if not (stage3 or type(optimizer) is DeepSpeedZeroOptimizer):
-        return False
-    needed = ("get_grad_norm_direct", "averaged_gradients", "dp_process_group", "overflow") + (
-        ("_get_param_partition_group", "dtype") if stage3 else
-        ("has_overflow_partitioned_grads_serial", "bit16_groups", "check_grad_overflow", "dtype"))
-    if not all(hasattr(optimizer, n) for n in needed):
-        return False
-    offload = getattr(optimizer, "offload_optimizer" if stage3 else "cpu_offload", False)
-    if offload or getattr(optimizer, "offload_param", False) or getattr(optimizer, "has_moe_layers", False):
-        return False
-    if getattr(optimizer, "model_parallel_world_size", 1) != 1 or getattr(optimizer, "mpu", None) is not None:
-        return False
-    if stage3 and (getattr(optimizer, "model_parallel_group", None) is not None
-                   or getattr(optimizer, "autoep_folding_tp_group", None) is not None):
-        return False
-    from deepspeed import comm as ds_comm
-
-    _install_known_valid_norms()
-    own_norm = type(optimizer).get_grad_norm_direct
-
-    def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
-        # one fp32 L2 norm per tensor, in multi-tensor kernels
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-
-    def has_overflow_partitioned_grads_serial() -> torch.Tensor:
-        grads = [g for i in range(len(optimizer.bit16_groups)) for g in (optimizer.averaged_gradients[i] or [])
-                 if g is not None and g.numel() > 0]
-        if not grads:
-            return torch.zeros(1, dtype=torch.bool, device=optimizer.device)
-        return (~torch.isfinite(_norms(grads))).any().view(1)
-
-    def get_grad_norm_direct(gradients, params, norm_type=2) -> torch.Tensor:
-        if float(norm_type) != 2.0:
-            return own_norm(optimizer, gradients, params, norm_type)
-        group = optimizer.dp_process_group
-        if stage3 and params:
-            group = optimizer._get_param_partition_group(params[0])
-            autoep = getattr(optimizer, "_autoep_expert_parallel_group", None)
-            if any(optimizer._get_param_partition_group(p) != group for p in params) or (
-                    autoep is not None and autoep(params) is not None):
-                # mixed groups (DeepSpeed raises) or AutoEP experts (one more all-reduce): DeepSpeed's own
-                return own_norm(optimizer, gradients, params, norm_type)
-        total = squared_norm_sum(gradients, optimizer.device)
-        ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=group)  # every rank
-        total = total.sqrt()
-        total.masked_fill_(~torch.isfinite(total), -1.0)  # DeepSpeed's invalid-norm sentinel, on the device
-        # fp16 checks overflow before the norm and computes the norm only when there was none: every gradient
-        # is finite, hence at most 65504 in magnitude, so this fp32 norm is finite (not so for bf16, whose
-        # finite values reach 3e38: their squares overflow fp32)
-        overflow_checked = optimizer.dtype == torch.float16 and (stage3 or optimizer.check_grad_overflow)
-        if overflow_checked and not optimizer.overflow:
-            setattr(total, _KNOWN_VALID, True)
-        return total
-
-    if not stage3:
-        optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    optimizer.get_grad_norm_direct = get_grad_norm_direct
-    return True
-
-
 def fp16_advice(cause: str) -> str:
     """The message fp16 health stops print: the cause and the options."""
     return (f"fp16 training stopped: {cause}. The last complete checkpoint is kept. Options: train in bf16 "
@@ -574,7 +425,7 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         foreach_checks: replace ZeRO's per-tensor overflow and norm loops (:func:`use_foreach_grad_checks`);
             the result is in ``Engine.foreach_checks``.
         defer_overflow: give a ZeRO-1/2 fp16 optimizer the step without host synchronisations
-            (:func:`pipeline.fp16_step.install`); ``Engine.deferred`` holds it, or ``None`` where it does not apply.
+            (:func:`pipeline.compat.fp16_step.install`); ``Engine.deferred`` holds it, or ``None`` where it does not apply.
     """
     import deepspeed
 
@@ -612,36 +463,12 @@ def build_engine(model: torch.nn.Module, config: dict, precision: str, lr_lambda
         engine = Engine(ds_engine, config, precision, "deepspeed", launcher)
     engine.foreach_checks = bool(foreach_checks) and use_foreach_grad_checks(ds_engine.optimizer)
     if defer_overflow:
-        from pipeline import fp16_step
+        from pipeline.compat import fp16_step
 
-        engine.deferred = fp16_step.install(ds_engine)
+        engine.deferred = fp16_step.install(ds_engine, StepResult)
         if engine.deferred is not None:
             engine.deferred.reader = engine.settle  # a StepResult read early raises FP16HealthError too
     return engine
-
-
-@contextlib.contextmanager
-def without_hf_zero3():
-    """Let ``transformers`` build plain (unpartitioned) models while the block runs.
-
-    Accelerate's DeepSpeed plugin registers its DeepSpeed config with ``transformers`` (an
-    ``HfDeepSpeedConfig``, held in ``transformers.integrations.deepspeed``).  With ZeRO-3 registered, every
-    ``from_config``/``from_pretrained`` then builds its model inside ``deepspeed.zero.Init``, which partitions
-    each parameter as it is made, a collective (a broadcast per parameter).  A model built on one rank only
-    (the export's copy on rank 0) then waits forever for ranks that are elsewhere.  That was seen under
-    ``accelerate launch`` with 2 processes and ZeRO-3, on an H200 and on CPU.  The ``deepspeed`` launcher
-    registers no such config.  Inside this block the registration is lifted and then restored."""
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except ImportError:
-        yield
-        return
-    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.compat.torch_compat import semi_structured_weight
 from pipeline.config import CommonConfig, ConfigError, doc
 from pipeline.manifest import StageError, require_stage, stage_dir
 
@@ -520,20 +521,6 @@ class FusedProjectionPart(nn.Module):
 
 
 @torch.inference_mode()
-def _same_product(ws: torch.Tensor, weight: torch.Tensor, tokens: int = 64) -> bool:
-    """True when ``F.linear`` with the sparse weight ``ws`` gives the shape and (to fp16 rounding) the values of
-    the dense ``weight`` on a random input; False on any error."""
-    try:
-        x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype,
-                        generator=torch.Generator(device=weight.device).manual_seed(0))
-        ref = torch.nn.functional.linear(x, weight).float()
-        out = torch.nn.functional.linear(x, ws)
-        return out.shape == ref.shape and bool(torch.allclose(out.float(), ref, rtol=2e-2,
-                                                             atol=2e-2 * float(ref.abs().max()) + 1e-3))
-    except Exception:  # noqa: BLE001 - any failure means: do not use this layout
-        return False
-
-
 def fuse_sibling_projections(model: nn.Module, eligible: Callable[[nn.Linear], bool] = lambda m: True,
                              convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
                              hook_for: Callable[[str], Any] | None = None) -> list[str]:
@@ -572,29 +559,6 @@ def fuse_sibling_projections(model: nn.Module, eligible: Callable[[nn.Linear], b
     return fused_names
 
 
-def _sparse_weight(weight: torch.Tensor, fuse_transpose: bool, alg_search_tokens: int):
-    """``to_sparse_semi_structured(weight)``; with ``fuse_transpose`` cuSPARSELt writes the product in the
-    layout ``F.linear``'s caller expects (``fuse_transpose_cusparselt``, an attribute of PyTorch's cuSPARSELt
-    tensor since 2.1; PyTorch >= 2.12 fuses it in ``F.linear`` anyway); with ``alg_search_tokens`` the
-    cuSPARSELt algorithm is the fastest of ``torch._cslt_sparse_mm_search`` for that many tokens."""
-    from torch.sparse import to_sparse_semi_structured
-
-    ws = to_sparse_semi_structured(weight)
-    if fuse_transpose and hasattr(ws, "fuse_transpose_cusparselt"):
-        ws.fuse_transpose_cusparselt = True
-        if not _same_product(ws, weight):  # this PyTorch does not honour the flag as expected: leave it off
-            ws = to_sparse_semi_structured(weight)
-    if alg_search_tokens and hasattr(ws, "alg_id_cusparselt") and getattr(ws, "packed", None) is not None:
-        try:  # the search's signature and result have changed between PyTorch versions: any failure keeps alg 0
-            x = torch.randn(weight.shape[1], alg_search_tokens, device=weight.device, dtype=weight.dtype)
-            found = torch._cslt_sparse_mm_search(ws.packed, x, transpose_result=bool(ws.fuse_transpose_cusparselt))
-            ws.alg_id_cusparselt = int(found[0] if isinstance(found, (tuple, list)) else found)
-        except Exception as e:  # noqa: BLE001
-            print(f"cuSPARSELt algorithm search failed, default algorithm kept: {type(e).__name__}: {e}"[:300],
-                  flush=True)
-    return ws
-
-
 def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguous: str = "all",
                        fuse_projections: bool = False, alg_search_tokens: int = 0) -> tuple[list[str], dict[str, str]]:
     """Replace the weight of every prunable linear layer that follows 2:4 by
@@ -615,7 +579,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
 
     ``fuse_projections``: q/k/v and gate/up (:data:`FUSABLE_PROJECTIONS`) become one sparse matmul each
     (:class:`FusedProjections`), when every sibling is 2:4 and they share the input width.
-    ``alg_search_tokens``: see :func:`_sparse_weight`.
+    ``alg_search_tokens``: see :func:`pipeline.compat.torch_compat.semi_structured_weight`.
 
     Returns the converted layer names (fused ones included, under their own names) and ``{layer: reason}`` for
     each layer left dense (not 2:4, or refused by the kernel, e.g. a shape it does not support).
@@ -642,7 +606,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
         try:
             done = set(fuse_sibling_projections(
                 model, eligible=lambda m: is_2_4(m.weight),
-                convert=partial(_sparse_weight, fuse_transpose=fuse_transpose, alg_search_tokens=alg_search_tokens),
+                convert=partial(semi_structured_weight, fuse_transpose=fuse_transpose, alg_search_tokens=alg_search_tokens),
                 hook_for=hook_for))
         except Exception as e:  # noqa: BLE001 - the layers are then converted one by one below
             print(f"to_semi_structured: projections left unfused ({type(e).__name__}: {e})"[:300], flush=True)
@@ -657,7 +621,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
             skipped[name] = "weights do not follow the 2:4 pattern"
             continue
         try:
-            mod.weight = nn.Parameter(_sparse_weight(mod.weight.detach(), fuse_transpose, alg_search_tokens),
+            mod.weight = nn.Parameter(semi_structured_weight(mod.weight.detach(), fuse_transpose, alg_search_tokens),
                                       requires_grad=False)
             hook = hook_for(name)
             if hook is not None:

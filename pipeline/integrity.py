@@ -9,17 +9,14 @@ loaded, not by the loader's crash.  This module holds:
   allowed (:data:`SAFE_GLOBALS`); anything else is an :class:`UnsafeFileError` naming the file and the object.
 - :func:`assert_no_unsafe_pickle`: the same allowlist checked by scanning a file's pickle without running it
   (``torch.serialization.get_unsafe_globals_in_checkpoint``), for files another library loads itself.
-- :func:`deepspeed_safe_loading`: DeepSpeed's checkpoint engine loads with :func:`safe_torch_load` while the
-  block runs.  This is the one place that touches DeepSpeed internals (``DeepSpeedEngine.checkpoint_engine``),
-  gated on the versions it was verified with; elsewhere it falls back to the scan plus the hash check.
+- (:func:`pipeline.compat.checkpoint.deepspeed_safe_loading` makes DeepSpeed's checkpoint engine load with
+  :func:`safe_torch_load`; the allow-list of DeepSpeed classes lives beside it, in :mod:`pipeline.compat`.)
 - :func:`write_json_state` / :func:`read_json_state`: random-generator state in JSON instead of a pickle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import importlib
 import json
 import os
 import pickle
@@ -31,18 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.compat.checkpoint import SAFE_GLOBALS, safe_classes
 from pipeline.manifest import file_sha256
-
-#: classes DeepSpeed 0.19 checkpoints pickle beside tensors (module.Class); plain data with no code on load
-SAFE_GLOBALS = (
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-#: DeepSpeed versions whose ``DeepSpeedEngine.checkpoint_engine.load`` is replaced by :func:`deepspeed_safe_loading`
-VERIFIED_DEEPSPEED = ("0.19.",)
 
 
 class UnsafeFileError(RuntimeError):
@@ -85,17 +72,6 @@ def verify_records(folder: str | Path, records: dict[str, dict], names: list[str
     return out
 
 
-def _safe_classes() -> list[type]:
-    out = []
-    for qual in SAFE_GLOBALS:
-        mod, _, name = qual.rpartition(".")
-        try:
-            out.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            continue
-    return out
-
-
 def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
     """``torch.load(path, weights_only=True)`` allowing the classes of :data:`SAFE_GLOBALS`.
 
@@ -104,7 +80,7 @@ def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
             the file and what it holds; nothing in it has run.
     """
     try:
-        with torch.serialization.safe_globals(_safe_classes()):
+        with torch.serialization.safe_globals(safe_classes()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeFileError(unsafe_message(path, str(e).splitlines()[0][:300])) from None
@@ -131,32 +107,6 @@ def assert_no_unsafe_pickle(path: str | Path) -> None:
     bad = [g for g in bad if g not in SAFE_GLOBALS]
     if bad:
         raise UnsafeFileError(unsafe_message(path, f"it names {', '.join(bad[:5])}"))
-
-
-@contextlib.contextmanager
-def deepspeed_safe_loading(ds_engine: Any):
-    """While the block runs, ``ds_engine`` loads checkpoint files with :func:`safe_torch_load`.
-
-    DeepSpeed's ``TorchCheckpointEngine.load`` calls ``torch.load(weights_only=False)``; on DeepSpeed versions in
-    :data:`VERIFIED_DEEPSPEED` the engine's ``checkpoint_engine.load`` is replaced for the block.  On others (or
-    another checkpoint engine) nothing is replaced: the caller's hash check and :func:`assert_no_unsafe_pickle`
-    remain the guard.
-    """
-    import deepspeed
-
-    ce = getattr(ds_engine, "checkpoint_engine", None)
-    if ce is None or not deepspeed.__version__.startswith(VERIFIED_DEEPSPEED) or not hasattr(ce, "load"):
-        yield False
-        return
-
-    def load(path, map_location=None):
-        return safe_torch_load(path, map_location=map_location)
-
-    ce.load = load  # instance attribute shadows the class's method
-    try:
-        yield True
-    finally:
-        del ce.load
 
 
 # ---------------------------------------------------------------------------------------------

@@ -281,10 +281,12 @@ def check_same_tokenizer(folders: dict[str, str | Path], fix: str) -> None:
                              f"({ref_dir}/tokenizer.json): its token ids mean other text; {fix}")
 
 
-def prepare_output_dir(out_dir: str | Path, config_hash: str, overwrite: bool, stage: str) -> None:
+def prepare_output_dir(out_dir: str | Path, config_hash: str, overwrite: bool, stage: str,
+                       also_accept: tuple[str, ...] = ()) -> None:
     """Check that ``out_dir`` may be written by a run with ``config_hash``; no files are changed.
 
-    An existing complete output made with another configuration is refused unless ``overwrite``.
+    An existing complete output made with another configuration is refused unless ``overwrite``; ``also_accept``
+    lists other hashes of this same configuration (as computed by an earlier version of the stage).
 
     Raises:
         StageError: naming the directory, both configurations' hashes and the fix.
@@ -295,7 +297,7 @@ def prepare_output_dir(out_dir: str | Path, config_hash: str, overwrite: bool, s
             old = read_manifest(m).get("outputs", {}).get("config_hash")
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != config_hash:
+        if old != config_hash and old not in also_accept:
             raise StageError(
                 f"{out_dir} already holds a different run's {stage} output (config {old}, this run {config_hash}); "
                 f"pass --overwrite to replace it, or choose another RUN"

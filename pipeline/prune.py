@@ -18,7 +18,9 @@ the training split (:mod:`pipeline.calibration`, :mod:`pipeline.importance`): ``
 (Sun et al., 2023), ``activation`` for structured (Minitron's head and MLP-channel importance); ``--drop_layers``
 removes whole decoder blocks of lowest Block Influence before width pruning (ShortGPT, Men et al., 2024).
 
-The stage's entry point is ``scripts/prune.py``; this module holds its configuration and the pieces.
+The stage's entry point is ``scripts/prune.py``; this module holds its configuration and the pieces, and
+registers the three methods with :mod:`pipeline.prune_methods` (at its end), where every method-dependent rule is
+looked up.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from pipeline.config import CommonConfig, doc
+from pipeline.prune_methods import PruneMethod, get, method_names, register
 from pipeline.sparsity import apply_masks, compute_masks, prunable_weights, sparsity_report
 
 #: model_type values each method supports (structured pruning edits the module layout, so it is explicit)
@@ -40,7 +43,8 @@ STRUCTURED_ARCHS = ("llama",)
 class PruneConfig(CommonConfig):
     """Stage 03: prune the stage-02 model and measure it right after pruning."""
 
-    method: Literal["magnitude", "nm", "structured"] = doc(
+    # the registered methods (pipeline.prune_methods), resolved when the configuration is parsed
+    method: Literal[method_names()] = doc(
         "magnitude: unstructured by |w|; nm: N:M semi-structured along the input dimension; structured: "
         "remove whole attention heads (key/value groups) and MLP channels of a LLaMA model.", "magnitude")
     sparsity: float = doc(
@@ -66,9 +70,10 @@ class PruneConfig(CommonConfig):
         "structured: 'torch_pruning' runs torch-pruning on each block's attention and MLP (multi-head "
         "attention only: its graph never finishes on grouped-query attention); 'manual' ranks and slices the "
         "same groups here; 'auto' picks torch_pruning for multi-head attention, manual otherwise.", "auto")
-    eval_batch_size: int = doc("Blocks per forward pass when measuring validation loss.", 8)
+    eval_batch_size: int = doc("Blocks per forward pass when measuring validation loss.", 8, run_control=True)
     eval_tokens: int = doc("Validation tokens scored before and after pruning (0 = the whole split).", 0)
-    device: Literal["auto", "cpu", "cuda"] = doc("Where to prune and evaluate; auto = cuda when available.", "auto")
+    device: Literal["auto", "cpu", "cuda"] = doc("Where to prune and evaluate; auto = cuda when available.", "auto",
+                                                 run_control=True)
     importance: Literal["magnitude", "wanda", "activation"] = doc(
         "How weights are ranked. magnitude: |w| (magnitude/nm) or group magnitude (structured); wanda "
         "(magnitude/nm): |w_ij|·||x_j||_2 over calibration tokens, compared per output row (Sun et al., 2023); "
@@ -98,15 +103,10 @@ class PruneConfig(CommonConfig):
             v = getattr(self, key)
             if v is not None and not 0.0 <= v < 1.0:
                 problems.append(f"{key} {v} is outside [0, 1): give the fraction removed, e.g. --{key} 0.5")
-        if self.method == "nm":
-            if self.n < 1 or self.m < 2:
-                problems.append(f"N:M needs N >= 1 and M >= 2, got --n {self.n} --m {self.m} (2:4 is --n 2 --m 4)")
-            elif self.n >= self.m:
-                problems.append(f"N:M needs N < M (N weights kept of every M), got --n {self.n} --m {self.m}; "
-                                f"for 2:4 pass --n 2 --m 4")
-        if self.method == "structured" and (self.include or self.exclude):
-            problems.append("--include/--exclude select weights for magnitude and nm; structured pruning acts on "
-                            "every block's heads and MLP channels: drop them")
+        try:
+            problems += get(self.method).validate(self)
+        except KeyError as e:
+            problems.append(str(e.args[0]))
         for pat in self.include + self.exclude:
             try:
                 re.compile(pat)
@@ -122,17 +122,9 @@ class PruneConfig(CommonConfig):
         return problems
 
     def _importance_problems(self) -> list[str]:
-        """Problems of importance / calibration / depth settings (part of :meth:`validate`)."""
+        """Problems of calibration settings (part of :meth:`validate`; which importance fits which method is the
+        method's :attr:`~pipeline.prune_methods.PruneMethod.validate`)."""
         problems = []
-        if self.importance == "wanda" and self.method == "structured":
-            problems.append("--importance wanda ranks single weights (magnitude, nm); for structured pruning use "
-                            "--importance activation")
-        if self.importance == "activation" and self.method != "structured":
-            problems.append(f"--importance activation ranks heads and MLP channels (structured); for --method "
-                            f"{self.method} use --importance wanda")
-        if self.importance == "wanda" and self.method == "magnitude" and self.scope == "global":
-            problems.append("--importance wanda compares weights within each output row; --scope global does not "
-                            "apply: use --scope layer")
         if self.importance == "activation" and self.structured_backend == "torch_pruning":
             problems.append("--importance activation slices the ranked groups itself; use --structured_backend "
                             "auto or manual")
@@ -140,14 +132,11 @@ class PruneConfig(CommonConfig):
             problems.append(f"calib_blocks must be at least 1, got {self.calib_blocks}")
         if self.drop_layers < 0:
             problems.append(f"drop_layers must be >= 0, got {self.drop_layers}")
-        if self.drop_layers and self.method != "structured":
-            problems.append("--drop_layers removes whole decoder blocks: it needs --method structured (with "
-                            "--sparsity 0 for depth alone)")
         return problems
 
     def needs_calibration(self) -> bool:
-        """True when pruning reads calibration blocks of the training split."""
-        return self.importance != "magnitude" or (self.method == "structured" and self.drop_layers > 0)
+        """True when pruning reads calibration blocks of the training split (the method decides)."""
+        return get(self.method).needs_calibration(self)
 
     def ratios(self) -> tuple[float, float]:
         """(head_ratio, mlp_ratio) of structured pruning, ``sparsity`` standing in for the unset ones."""
@@ -253,17 +242,25 @@ def width_plan(config: Any, head_ratio: float, mlp_ratio: float) -> tuple[WidthP
 def check_model(cfg: PruneConfig, model: nn.Module) -> list[str]:
     """Every problem pruning ``model`` with ``cfg`` would hit: an unsupported architecture (naming the
     supported ones), a selection that matches nothing, an input width that M does not divide (naming the
-    layer), a structured ratio that cannot keep heads whole (naming the ratios that can)."""
-    if cfg.method == "structured":
-        plan, problems = width_plan(model.config, *cfg.ratios())
-        if plan and cfg.structured_backend == "torch_pruning" and plan.num_key_value_heads != plan.num_attention_heads:
-            problems.append("--structured_backend torch_pruning handles multi-head attention only (its dependency "
-                            "graph never finishes on grouped-query attention); use auto or manual")
-        n_layers = int(getattr(model.config, "num_hidden_layers", 0))
-        if cfg.drop_layers >= n_layers > 0:
-            problems.append(f"--drop_layers {cfg.drop_layers} leaves no decoder block of {n_layers}; use at most "
-                            f"{n_layers - 1}")
-        return problems
+    layer), a structured ratio that cannot keep heads whole (naming the ratios that can); asked of the method
+    (:attr:`pipeline.prune_methods.PruneMethod.check_model`)."""
+    return get(cfg.method).check_model(cfg, model)
+
+
+def _check_structured(cfg: PruneConfig, model: nn.Module) -> list[str]:
+    plan, problems = width_plan(model.config, *cfg.ratios())
+    if plan and cfg.structured_backend == "torch_pruning" and plan.num_key_value_heads != plan.num_attention_heads:
+        problems.append("--structured_backend torch_pruning handles multi-head attention only (its dependency "
+                        "graph never finishes on grouped-query attention); use auto or manual")
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0))
+    if cfg.drop_layers >= n_layers > 0:
+        problems.append(f"--drop_layers {cfg.drop_layers} leaves no decoder block of {n_layers}; use at most "
+                        f"{n_layers - 1}")
+    return problems
+
+
+def _check_masked(cfg: PruneConfig, model: nn.Module) -> list[str]:
+    """magnitude and nm: the selection, wanda's scoring and (nm) M dividing every input width."""
     try:
         selected = prunable_weights(model, cfg.include, cfg.exclude)
     except ValueError as e:
@@ -506,34 +503,42 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None =
                         f"of the training split (pipeline.calibration.calibration_blocks)")
     if problems:
         raise ValueError("; ".join(problems))
+    return get(cfg.method).prune(model, cfg, calib)
+
+
+def _prune_structured(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> dict[str, Any]:
     bs = cfg.eval_batch_size
-    if cfg.method == "structured":
-        before = _block_linear_shapes(model)
-        depth = None
-        kept = list(range(len(model.model.layers)))
-        if cfg.drop_layers:
-            from pipeline.calibration import block_influence
-            from pipeline.importance import drop_decoder_blocks, lowest
+    before = _block_linear_shapes(model)
+    depth = None
+    kept = list(range(len(model.model.layers)))
+    if cfg.drop_layers:
+        from pipeline.calibration import block_influence
+        from pipeline.importance import drop_decoder_blocks, lowest
 
-            bi = block_influence(model, model.model.layers, calib, bs)
-            dropped = lowest(bi, cfg.drop_layers)
-            kept = drop_decoder_blocks(model, dropped)
-            depth = {"dropped": dropped, "kept": kept, "block_influence": [float(v) for v in bi]}
-        scores = None
-        if cfg.importance == "activation":
-            from pipeline.importance import llama_activation_importance
+        bi = block_influence(model, model.model.layers, calib, bs)
+        dropped = lowest(bi, cfg.drop_layers)
+        kept = drop_decoder_blocks(model, dropped)
+        depth = {"dropped": dropped, "kept": kept, "block_influence": [float(v) for v in bi]}
+    scores = None
+    if cfg.importance == "activation":
+        from pipeline.importance import llama_activation_importance
 
-            scores = llama_activation_importance(model, calib, bs)  # on the depth-pruned model
-        plan = prune_llama_width(model, *cfg.ratios(), backend=cfg.structured_backend, scores=scores)
-        after = _original_names(_block_linear_shapes(model), kept)
-        layers = {k: 1.0 - after.get(k, 0) / n for k, n in before.items()}
-        overall = 1.0 - sum(after.values()) / sum(before.values())
-        return {"masks": None, "layer_sparsity": layers, "sparsity": overall, "plan": plan.__dict__, "depth": depth}
+        scores = llama_activation_importance(model, calib, bs)  # on the depth-pruned model
+    plan = prune_llama_width(model, *cfg.ratios(), backend=cfg.structured_backend, scores=scores)
+    after = _original_names(_block_linear_shapes(model), kept)
+    layers = {k: 1.0 - after.get(k, 0) / n for k, n in before.items()}
+    overall = 1.0 - sum(after.values()) / sum(before.values())
+    return {"masks": None, "layer_sparsity": layers, "sparsity": overall, "plan": plan.__dict__, "depth": depth}
+
+
+def _prune_masked(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> dict[str, Any]:
+    """magnitude and nm: keep-masks by |w| or Wanda's score, applied in place."""
     if cfg.importance == "wanda":
         from pipeline.importance import wanda_masks
 
         selected = prunable_weights(model, cfg.include, cfg.exclude)
-        masks = wanda_masks(model, selected, calib, bs, cfg.method, cfg.sparsity, cfg.n, cfg.m, cfg.calib_order)
+        masks = wanda_masks(model, selected, calib, cfg.eval_batch_size, cfg.method, cfg.sparsity, cfg.n, cfg.m,
+                            cfg.calib_order)
     else:
         masks = compute_masks(model, cfg.method, cfg.sparsity, cfg.scope, cfg.n, cfg.m, cfg.include, cfg.exclude)
     apply_masks(model, masks)
@@ -543,5 +548,70 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None =
 
 def target_sparsity(cfg: PruneConfig) -> float:
     """The sparsity the method aims at: ``1 - n/m`` for nm, ``sparsity`` otherwise."""
-    return 1.0 - cfg.n / cfg.m if cfg.method == "nm" else cfg.sparsity
+    return get(cfg.method).target_sparsity(cfg)
+
+
+def method_manifest_fields(cfg: PruneConfig) -> dict[str, Any]:
+    """Stage 03's method-specific manifest outputs: ``scope``, ``n``, ``m`` (``None`` where the method has no such
+    setting) and whatever else the method records."""
+    return {"scope": None, "n": None, "m": None, **get(cfg.method).manifest_fields(cfg)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in methods (pipeline.prune_methods); which importance fits which method is checked here
+
+
+def _validate_magnitude(cfg: PruneConfig) -> list[str]:
+    problems = []
+    if cfg.importance == "wanda" and cfg.scope == "global":
+        problems.append("--importance wanda compares weights within each output row; --scope global does not "
+                        "apply: use --scope layer")
+    return problems + _masked_importance_problems(cfg)
+
+
+def _validate_nm(cfg: PruneConfig) -> list[str]:
+    problems = []
+    if cfg.n < 1 or cfg.m < 2:
+        problems.append(f"N:M needs N >= 1 and M >= 2, got --n {cfg.n} --m {cfg.m} (2:4 is --n 2 --m 4)")
+    elif cfg.n >= cfg.m:
+        problems.append(f"N:M needs N < M (N weights kept of every M), got --n {cfg.n} --m {cfg.m}; "
+                        f"for 2:4 pass --n 2 --m 4")
+    return problems + _masked_importance_problems(cfg)
+
+
+def _masked_importance_problems(cfg: PruneConfig) -> list[str]:
+    problems = []
+    if cfg.importance == "activation":
+        problems.append(f"--importance activation ranks heads and MLP channels (structured); for --method "
+                        f"{cfg.method} use --importance wanda")
+    if cfg.drop_layers:
+        problems.append("--drop_layers removes whole decoder blocks: it needs --method structured (with "
+                        "--sparsity 0 for depth alone)")
+    return problems
+
+
+def _validate_structured(cfg: PruneConfig) -> list[str]:
+    problems = []
+    if cfg.include or cfg.exclude:
+        problems.append("--include/--exclude select weights for magnitude and nm; structured pruning acts on "
+                        "every block's heads and MLP channels: drop them")
+    if cfg.importance == "wanda":
+        problems.append("--importance wanda ranks single weights (magnitude, nm); for structured pruning use "
+                        "--importance activation")
+    return problems
+
+
+register(PruneMethod(
+    "magnitude", _prune_masked, validate=_validate_magnitude, check_model=_check_masked,
+    needs_calibration=lambda cfg: cfg.importance != "magnitude",
+    manifest_fields=lambda cfg: {"scope": cfg.scope}))
+register(PruneMethod(
+    "nm", _prune_masked, validate=_validate_nm, check_model=_check_masked,
+    needs_calibration=lambda cfg: cfg.importance != "magnitude",
+    target_sparsity=lambda cfg: 1.0 - cfg.n / cfg.m,
+    manifest_fields=lambda cfg: {"n": cfg.n, "m": cfg.m}))
+register(PruneMethod(
+    "structured", _prune_structured, validate=_validate_structured, check_model=_check_structured,
+    needs_calibration=lambda cfg: cfg.importance != "magnitude" or cfg.drop_layers > 0,
+    writes_masks=False))
 

@@ -38,10 +38,8 @@ from pipeline.regime import RegimeTracker
 from pipeline.sampler import GlobalBatchSampler, eval_shard
 from pipeline.tokens import BlockDataset, load_tokens
 
-#: fields that change how a run is driven, not what it computes (left out of the config hash)
-# settings that do not change what is computed (beyond rounding): a checkpoint resumes across them
-RUN_CONTROL = ("overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks", "defer_overflow",
-               "watchdog_s")
+# run-control fields (marked ``run_control=True`` below, see pipeline.config.doc) change how a run is driven, not
+# what it computes (beyond rounding): they are left out of the config hash, and a checkpoint resumes across them
 #: settings a checkpoint resumes across although they change what is computed from there on; the change is
 #: applied on resume and recorded (the fp16/health stops advise a lower --lr, then --resume auto)
 RESUMABLE_CHANGES = ("lr",)
@@ -75,27 +73,32 @@ class TrainConfig(CommonConfig):
     save_interval: int = doc("Save a checkpoint every N steps (and at the end).", 200)
     keep_last: int = doc("Keep the newest K checkpoints (0: all).", 2)
     log_interval: int = doc("Log training metrics every N steps.", 20)
-    resume: str = doc("'auto' (newest complete checkpoint, else from scratch), 'none', or a checkpoint dir.", "auto")
+    resume: str = doc("'auto' (newest complete checkpoint, else from scratch), 'none', or a checkpoint dir.", "auto",
+                      run_control=True)
     compile: Literal["auto", "on", "off"] = doc(
         "torch.compile the model and the loss (DeepSpeed engine.compile); auto = on for CUDA with ZeRO stage 0-2, "
-        "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto")
+        "and for ZeRO-3 when the DeepSpeed config enables DeepCompile; never off the GPU (see compile_policy).", "auto",
+        run_control=True)
     foreach_checks: bool = doc("Multi-tensor overflow checks (ZeRO-1/2) and gradient norm (ZeRO-1/2/3), which in "
-                               "fp16 adds no host synchronisation (pipeline.engine.use_foreach_grad_checks).", True)
+                               "fp16 adds no host synchronisation (pipeline.compat.zero_checks).", True,
+                               run_control=True)
     defer_overflow: bool = doc("ZeRO-1/2 fp16: launch each optimizer step without waiting for its overflow check, "
                                "which the host reads before the next backward; same updates and skips, no host "
-                               "synchronisation per step (pipeline.fp16_step).", True)
+                               "synchronisation per step (pipeline.compat.fp16_step).", True,
+                               run_control=True)
     peak_tflops: float = doc("Peak TFLOP/s of one device for MFU (0: look the GPU up in a table).", 0.0)
     max_skipped_fraction: float = doc("Stop when more than this share of the last skip_window steps overflowed.",
                                       0.5)
     skip_window: int = doc("Window (steps) for max_skipped_fraction.", 50)
     sample_prompt: str = doc("Prompt of the text sample generated at each evaluation ('' = BOS only).", "")
     sample_tokens: int = doc("Tokens generated for the sample (0: no sample).", 32)
-    progress: bool = doc("Show a progress bar on rank 0.", True)
+    progress: bool = doc("Show a progress bar on rank 0.", True, run_control=True)
     halt_after_step: int = doc("Stop right after this step's checkpoint as if killed (resume drills); 0 = never.",
-                               0)
+                               0, run_control=True)
     watchdog_s: float = doc("Hang diagnosis: when one step (with its evaluation and checkpoint) or the export takes "
                             "longer than this many seconds, every rank prints all its threads' Python stacks to "
-                            "stderr, again every as many seconds (0: off).", 0.0)
+                            "stderr, again every as many seconds (0: off).", 0.0,
+                            run_control=True)
 
     def validate(self) -> list[str]:
         from pipeline.health import nonfinite_settings
@@ -581,7 +584,7 @@ def run_training(
     ckpt_dir = out_dir / "checkpoints"
     resume_path = ckpt.find_verified_resume(ckpt_dir, cfg.resume)  # every rank; files checked against their hashes
     # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
-    chash = config_hash(cfg, ignore=RUN_CONTROL + RESUMABLE_CHANGES)
+    chash = config_hash(cfg, also_ignore=RESUMABLE_CHANGES)
     chash = hashlib.sha256(f"{chash}:{data_identity(data.data_dir)}".encode()).hexdigest()[:16]
     if resume_path is not None and cfg.resume == "auto":
         saved = ckpt.marker(resume_path).get("config_hash")

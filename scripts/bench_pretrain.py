@@ -12,7 +12,7 @@ A configuration is ``baseline`` or a DeepSpeed template of ``ds_configs/`` follo
 - ``+eager`` / ``+compile``: force the model (and loss) eager or compiled;
 - ``+noforeach``: DeepSpeed's own per-tensor overflow and gradient-norm loops;
 - ``+nodefer``: DeepSpeed's own ZeRO-1/2 fp16 step, which reads the overflow flag before launching the update
-  (the product defers that read to the next backward: ``pipeline.fp16_step``);
+  (the product defers that read to the next backward: ``pipeline.compat.fp16_step``);
 - ``+bucket=N``: ZeRO ``reduce_bucket_size`` N elements, and for ZeRO-1/2 ``allgather_bucket_size`` too;
 - ``+nooverlap``: ZeRO ``overlap_comm`` false;
 - ``+deepcompile``: DeepSpeed's DeepCompile (``"compile": {"deepcompile": true}``), compiled;

@@ -25,7 +25,7 @@ from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.engine import FP16HealthError, device_type  # noqa: E402
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
-from pipeline.train import RUN_CONTROL, TrainConfig, TrainData, run_training  # noqa: E402
+from pipeline.train import TrainConfig, TrainData, run_training  # noqa: E402
 
 
 def main(cfg: TrainConfig) -> dict | None:
@@ -39,7 +39,7 @@ def main(cfg: TrainConfig) -> dict | None:
     t0 = time.time()
     data_manifest = require_stage(cfg.run_dir(), "data", cfg.run, cfg.preset)
     out = stage_dir(cfg.run_dir(), "pretrain")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "pretrain")
     data = TrainData.from_manifest(data_manifest)
     d = data_manifest["outputs"]

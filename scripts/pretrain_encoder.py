@@ -25,7 +25,7 @@ from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.encoder import EncoderTrainConfig, MLMSpec, build_encoder, make_mlm_eval, make_mlm_loss  # noqa: E402
 from pipeline.engine import FP16HealthError  # noqa: E402
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
-from pipeline.train import RUN_CONTROL, TrainData, run_training  # noqa: E402
+from pipeline.train import TrainData, run_training  # noqa: E402
 
 
 def main(cfg: EncoderTrainConfig) -> dict | None:
@@ -46,7 +46,7 @@ def main(cfg: EncoderTrainConfig) -> dict | None:
                          f"remake it with `make data TASK=classify RUN={cfg.run}` (scripts/prepare_data.py --task "
                          f"classify)")
     out = stage_dir(cfg.run_dir(), "pretrain")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "pretrain")
     data = TrainData.from_manifest(data_manifest)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)

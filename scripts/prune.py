@@ -38,12 +38,9 @@ from pipeline.evaluate import validation_loss
 from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
 from pipeline.metrics import MetricsLogger
 from pipeline.model import count_params
-from pipeline.prune import PruneConfig, check_model, prune_model, target_sparsity
+from pipeline.prune import PruneConfig, check_model, method_manifest_fields, prune_model, target_sparsity
 from pipeline.sparsity import count_mask_violations, load_export_state_dict, save_masks
 from pipeline.tokens import load_tokens
-
-#: fields that change how the stage runs, not what it makes (left out of the configuration hash)
-RUN_CONTROL = ("overwrite", "device", "eval_batch_size")
 
 
 def load_pretrained(pretrain_manifest: dict, device: str):
@@ -105,7 +102,7 @@ def main(cfg: PruneConfig) -> dict | None:
                           "pretrained model's": Path(pretrain["_dir"]) / pretrain["outputs"]["model_dir"]},
                          f"re-run `make pretrain RUN={cfg.run}`")
     out = stage_dir(cfg.run_dir(), "prune")
-    chash = config_hash(cfg, ignore=RUN_CONTROL)
+    chash = config_hash(cfg)
     prepare_output_dir(out, chash, cfg.overwrite, "prune")
     model, tokenizer, model_dir = load_pretrained(pretrain, cfg.resolved_device())
     seq_len = int(data["outputs"]["seq_len"])
@@ -152,9 +149,7 @@ def main(cfg: PruneConfig) -> dict | None:
         "masks": "masks.safetensors" if masks is not None else None,
         "sparsity": result["sparsity"],
         "target_sparsity": target_sparsity(cfg),
-        "scope": cfg.scope if cfg.method == "magnitude" else None,
-        "n": cfg.n if cfg.method == "nm" else None,
-        "m": cfg.m if cfg.method == "nm" else None,
+        **method_manifest_fields(cfg),  # scope, n, m (None where the method has no such setting)
         "structure": result["plan"],
         "importance": cfg.importance,
         "calibration": calibration,

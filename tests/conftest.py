@@ -88,3 +88,20 @@ def tiny_run(tiny_data_template, tmp_path) -> tuple[Path, str]:
     results = tmp_path / "results"
     shutil.copytree(tiny_data_template, results / "r" / "01_data")
     return results, "r"
+
+
+@pytest.fixture
+def unverified(monkeypatch):
+    """``unverified(lib, version)``: ``pipeline.compat`` sees ``version`` of ``lib`` installed (a version outside
+    its verified range), and each workaround's fallback line is printed again in this test."""
+    import pipeline.compat as compat
+
+    monkeypatch.setattr(compat, "_logged", set())
+    real = compat.version_of
+    fake: dict[str, str] = {}
+    monkeypatch.setattr(compat, "version_of", lambda lib: fake.get(lib) or real(lib))
+
+    def set_version(lib: str, version: str) -> None:
+        fake[lib] = version
+
+    return set_version

@@ -64,3 +64,32 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     silent = MetricsLogger(tmp_path / "other.jsonl", tmp_path / "tb2", enabled=False)
     silent.log(1, {"x": 1})
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_run_control_fields_are_marked_once_and_left_out_of_every_hash():
+    """The hash's ignore list comes from the dataclass marks; a subclass redeclaring a field keeps its mark."""
+    import dataclasses
+
+    from pipeline.classify import ClassifyConfig
+    from pipeline.classify_compress import DistillClassifierConfig, PruneClassifierConfig
+    from pipeline.config import config_hash, run_control_fields
+    from pipeline.distill import DistillConfig
+    from pipeline.prune import PruneConfig
+    from pipeline.train import TrainConfig
+
+    train_rc = set(run_control_fields(TrainConfig))
+    assert train_rc == {"overwrite", "resume", "halt_after_step", "progress", "compile", "foreach_checks",
+                        "defer_overflow", "watchdog_s"}
+    for cls in (DistillConfig, ClassifyConfig, DistillClassifierConfig):
+        assert set(run_control_fields(cls)) == train_rc, cls
+    assert set(run_control_fields(PruneConfig)) == set(run_control_fields(PruneClassifierConfig)) == {
+        "overwrite", "device", "eval_batch_size"}
+    assert run_control_fields(DataConfig) == ("overwrite",)
+    new = {"overwrite": True, "resume": "none", "halt_after_step": 3, "progress": False, "compile": "on",
+           "foreach_checks": False, "defer_overflow": False, "watchdog_s": 60.0}
+    base = parse_cli(DistillConfig, ["--preset", "tiny"], "distill", validate=False)
+    for k, v in new.items():
+        assert config_hash(dataclasses.replace(base, **{k: v})) == config_hash(base), k
+    # a setting that changes what is computed changes the hash; also_ignore leaves one out on request
+    assert config_hash(dataclasses.replace(base, temperature=3.0)) != config_hash(base)
+    assert config_hash(dataclasses.replace(base, lr=1.0), also_ignore=("lr",)) == config_hash(base, also_ignore=("lr",))

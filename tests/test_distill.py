@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -204,7 +206,23 @@ def _mask_worker(configs: list[dict], out_path: str) -> None:
               "fp16": {"enabled": c["precision"] == "fp16", "initial_scale_power": 8}}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-        keeper = MaskKeeper(engine, masks)
+        if c["mode"] == "keeper_public":  # a DeepSpeed outside the verified range: DeepSpeed's public API only
+            import pipeline.compat as compat
+
+            real = compat.version_of
+            compat.version_of = lambda lib, real=real: "0.18.0" if lib == "deepspeed" else real(lib)
+            compat._logged.discard("masks written into ZeRO's fp32 fragments")
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):
+                    keeper = MaskKeeper(engine, masks)
+            finally:
+                compat.version_of = real
+            assert not keeper.internals and {e["kind"] for e in keeper._entries} == {"public"}
+            assert "[compat] masks written into ZeRO's fp32 fragments: deepspeed 0.18.0 is outside" in log.getvalue()
+            keeper.apply(engine)  # as stage 04 does, before the first step (no optimizer state yet)
+        else:
+            keeper = MaskKeeper(engine, masks)
         masks = {k: v.to(engine.device) for k, v in masks.items()}
         g = torch.Generator().manual_seed(100 + rank)
         for _ in range(c.get("steps", 4)):
@@ -212,7 +230,7 @@ def _mask_worker(configs: list[dict], out_path: str) -> None:
             loss = engine(input_ids=x[:, :-1], labels=x[:, 1:]).loss
             engine.backward(loss)
             engine.step()
-            if c["mode"] == "keeper":
+            if c["mode"] in ("keeper", "keeper_public"):
                 keeper.apply(engine)
             elif c["mode"] == "module_only":  # the naive way: zero the module's copy only
                 with torch.no_grad():
@@ -281,8 +299,10 @@ def test_mask_kept_single_rank_zero2_zero3_bf16_fp32(tmp_path):
     configs = [{"zero": z, "precision": p, "mode": "keeper"} for z in (2, 3) for p in ("bf16", "fp32")]
     configs.append({"zero": 2, "precision": "bf16", "mode": "module_only"})
     configs.append({"zero": 3, "precision": "fp32", "mode": "none"})
+    # the version gate: on an unverified DeepSpeed the same guarantees through DeepSpeed's public API
+    configs += [{"zero": z, "precision": p, "mode": "keeper_public"} for z, p in ((2, "bf16"), (3, "fp32"))]
     results = _run_mask_worker(tmp_path, configs, nproc=1)
-    _check_kept(results[:4])
+    _check_kept(results[:4] + results[6:])
     naive, none = results[4], results[5]
     # controls: zeroing only the module's copy leaves the fp32 masters (hence checkpoints) and Adam's
     # state alive; doing nothing revives the weights themselves
@@ -496,6 +516,36 @@ def test_distill_resume_equals_straight_run(pretrained_template, tmp_path):
     for n in ea:
         torch.testing.assert_close(eb[n], ea[n], rtol=1e-6, atol=1e-7)
     assert sum(count_mask_violations(eb, masks).values()) == 0
+
+
+@pytest.mark.slow
+def test_finished_distill_accepts_run_control_changes(pretrained_template, tmp_path):
+    """A finished stage 04 re-run with another run-control setting (--watchdog_s, --foreach_checks) is the same
+    run; another KD setting is refused; an output hashed the old way (before the fields were marked) still counts."""
+    from pipeline.config import config_hash, legacy_config_hash, parse_cli
+    from pipeline.distill import _LEGACY_HASH_IGNORE, DistillConfig
+    from pipeline.manifest import read_manifest
+
+    results = tmp_path / "results"
+    _upstream(pretrained_template, results, "r", "magnitude")
+    args = ["--run", "r", "--results_dir", str(results), *TINY, "--max_steps", "2", "--save_interval", "2",
+            "--eval_interval", "2", "--ds_config", "ds_configs/zero2_fp16.json", "--precision", "fp32"]
+    _run_stage("distill.py", 1, *args)
+    out = results / "r" / "04_distill"
+    first = read_manifest(out)
+    assert first["outputs"]["config_hash"] == config_hash(parse_cli(DistillConfig, args, "distill", validate=False))
+    _run_stage("distill.py", 1, *args, "--watchdog_s", "60", "--foreach_checks", "false")
+    assert read_manifest(out)["outputs"]["config_hash"] == first["outputs"]["config_hash"]
+    p = _run_stage("distill.py", 1, *args, "--temperature", "3", ok=(2,))
+    assert "different run's distill output" in p.stderr and "--overwrite" in p.stderr
+    # an output written when distill's hash still held compile/foreach_checks/defer_overflow/watchdog_s
+    m = json.loads((out / "manifest.json").read_text())
+    old = legacy_config_hash(parse_cli(DistillConfig, args, "distill", validate=False), _LEGACY_HASH_IGNORE)
+    assert old != m["outputs"]["config_hash"]
+    m["outputs"]["config_hash"] = old
+    (out / "manifest.json").write_text(json.dumps(m))
+    _run_stage("distill.py", 1, *args)  # (the old hash held watchdog_s: the same value as that run's)
+    assert read_manifest(out)["outputs"]["config_hash"] == first["outputs"]["config_hash"]
 
 
 def _write_structured_stage(run_dir: Path, hidden: int = 32) -> None:

@@ -43,6 +43,7 @@ def _assert_norm_agrees(opt, ds_class, grads, params) -> None:
     assert new > 0 and new == pytest.approx(old, rel=1e-5) and new == pytest.approx(ref, rel=1e-5)
 
 
+@pytest.mark.compat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
 def test_foreach_checks_agree_with_deepspeed_loops():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -76,6 +77,27 @@ def test_foreach_checks_agree_with_deepspeed_loops():
     assert res.grad_norm == pytest.approx(ref_all, rel=1e-3)  # bf16, world size 1, loss scale 1
 
 
+@pytest.mark.compat
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
+def test_unverified_deepspeed_keeps_its_own_loops(capsys, unverified):
+    """The version gate: outside the verified DeepSpeed range nothing of ZeRO's is replaced and one line says so."""
+    from deepspeed.runtime.zero import stage_1_and_2 as z12
+
+    unverified("deepspeed", "0.20.0")
+    invalid_before = z12.is_invalid_grad_norm
+    engine = _cpu_zero2_engine()
+    out = capsys.readouterr().out
+    assert "[compat] multi-tensor overflow/norm checks: deepspeed 0.20.0 is outside the verified range " \
+           ">=0.19,<0.20; DeepSpeed's per-tensor loops run" in out
+    opt = engine.ds.optimizer
+    assert not engine.foreach_checks
+    assert "get_grad_norm_direct" not in vars(opt) and "has_overflow_partitioned_grads_serial" not in vars(opt)
+    assert z12.is_invalid_grad_norm is invalid_before
+    engine.step()
+    assert engine.last_step().applied and engine.last_step().grad_norm > 0
+
+
+@pytest.mark.compat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
 def test_foreach_norm_agrees_with_deepspeed_zero3():
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -97,7 +119,7 @@ def test_foreach_norm_agrees_with_deepspeed_zero3():
     every = [g for i in sorted(opt.averaged_gradients) for g in opt.averaged_gradients[i]]  # both groups
     ref_all = math.sqrt(sum(float(g.double().pow(2).sum()) for g in every))
     # the fp16 marker (ZeRO-3 checks overflow whenever its dtype is fp16): not for bf16, set after a passed check
-    from pipeline.engine import _KNOWN_VALID
+    from pipeline.compat.zero_checks import _KNOWN_VALID
 
     assert not getattr(opt.get_grad_norm_direct(grads, params), _KNOWN_VALID, False)
     opt.dtype = torch.float16
@@ -113,11 +135,12 @@ def test_foreach_norm_agrees_with_deepspeed_zero3():
     assert res.applied and res.grad_norm == pytest.approx(ref_all, rel=1e-3)
 
 
+@pytest.mark.compat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds a CPU engine in-process")
 def test_norm_validity_is_known_only_after_a_passed_overflow_check():
     import deepspeed.runtime.zero.stage_1_and_2 as z12
 
-    from pipeline.engine import _KNOWN_VALID
+    from pipeline.compat.zero_checks import _KNOWN_VALID
 
     engine = _cpu_zero2_engine()
     opt = engine.ds.optimizer
@@ -142,15 +165,16 @@ def test_norm_validity_is_known_only_after_a_passed_overflow_check():
     finally:
         opt.dtype, opt.overflow = torch.bfloat16, False
     # installing the wrappers again (a second engine in the process) wraps nothing twice
-    from pipeline.engine import _install_known_valid_norms
+    from pipeline.compat.zero_checks import _install_known_valid_norms
 
     before = (z12.is_invalid_grad_norm, z12.combine_grad_norm_groups)
     _install_known_valid_norms()
     assert (z12.is_invalid_grad_norm, z12.combine_grad_norm_groups) == before
 
 
+@pytest.mark.compat
 def test_foreach_checks_leave_other_optimizers_alone():
-    from pipeline.engine import use_foreach_grad_checks
+    from pipeline.compat.zero_checks import use_foreach_grad_checks
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     assert use_foreach_grad_checks(opt) is False
@@ -185,6 +209,22 @@ def test_compile_policy():
     assert not compile_policy("auto", "cpu", 3, deepcompile=True)[0]  # DeepCompile needs CUDA
 
 
+@pytest.mark.compat
+def test_unverified_torch_keeps_the_compiled_forward(capsys, unverified):
+    """The version gate of eager_forward: outside the verified PyTorch range the compiled forward stays."""
+    from pipeline.compat.torch_compat import eager_forward
+
+    unverified("torch", "2.10.0")
+    module = torch.nn.Linear(2, 2)
+    marker = object()
+    module._compiled_call_impl = marker
+    with eager_forward(module):
+        assert module._compiled_call_impl is marker
+    assert "[compat] eager forward of a compiled model: torch 2.10.0 is outside the verified range >=2.11,<2.14; " \
+           "the compiled forward runs" in capsys.readouterr().out
+
+
+@pytest.mark.compat
 def test_uncompiled_restores_the_compiled_forward():
     from pipeline.engine import Engine
 

@@ -1,4 +1,4 @@
-"""The deferred fp16 overflow check (pipeline.fp16_step) makes DeepSpeed's decisions, step by step.
+"""The deferred fp16 overflow check (pipeline.compat.fp16_step) makes DeepSpeed's decisions, step by step.
 
 DeepSpeed's CPU accelerator refuses fp16, so these tests let it claim fp16 support and run real ZeRO-1/2 fp16
 engines on a tiny LLaMA in this process: one with DeepSpeed's own step, one with the deferred step, fed the same
@@ -15,7 +15,9 @@ import torch
 
 from pipeline.train import token_cross_entropy
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="builds CPU engines in-process")
+# compat: differential tests of pipeline.compat.fp16_step against DeepSpeed's own step
+pytestmark = [pytest.mark.compat,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="builds CPU engines in-process")]
 
 LR, EPS = 1e-2, 1e-3  # a large epsilon makes the update depend on the gradients' scale (unscaling is checked)
 
@@ -133,7 +135,7 @@ def test_overflow_at_the_minimum_loss_scale_stops_at_the_next_read(cpu_fp16):
 
 
 def test_deferred_step_only_where_it_applies(cpu_fp16):
-    from pipeline.fp16_step import why_not
+    from pipeline.compat.fp16_step import why_not
 
     bf16 = _engine("zero2_bf16", defer=True, precision="bf16")
     assert bf16.deferred is None and "fp16" in why_not(bf16.ds)
@@ -223,3 +225,23 @@ def test_a_checkpoint_taken_between_deferred_steps_resumes_the_same_run(cpu_fp16
     assert (resumed.lr(), resumed.loss_scale(), resumed.skipped_steps) == (whole.lr(), whole.loss_scale(), 1)
     steps = [float(s["step"]) for s in resumed.ds.optimizer.optimizer.state.values()]
     assert steps == [float(s["step"]) for s in whole.ds.optimizer.optimizer.state.values()] == [6.0, 6.0]
+
+
+def test_unverified_deepspeed_runs_its_own_step(cpu_fp16, monkeypatch, capsys, unverified):
+    """The version gate: outside the verified DeepSpeed range the deferred step is not installed, DeepSpeed's own
+    ZeRO-1/2 step runs (and takes the same decisions), and one line says so."""
+    unverified("deepspeed", "0.18.5")
+    engine = _engine("zero2_fp16", defer=True)
+    out = capsys.readouterr().out
+    assert engine.deferred is None
+    assert "[compat] deferred fp16 overflow step: deepspeed 0.18.5 is outside the verified range >=0.19,<0.20; " \
+           "DeepSpeed's own ZeRO-1/2 fp16 step runs" in out
+    assert out.count("[compat] deferred fp16 overflow step") == 1
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    assert engine.ds.optimizer.step.__func__ is DeepSpeedZeroOptimizer.step
+    batch = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    _micro_step(engine, batch, overflow=True)  # DeepSpeed's own step skips it (its step reads the flag itself)
+    assert engine.ds.skipped_steps == 1 and engine.last_step().applied is False
+    _micro_step(engine, batch, overflow=False)
+    assert engine.ds.skipped_steps == 1 and engine.last_step().applied is True

@@ -315,7 +315,7 @@ def test_fp16_health_stops_and_keeps_checkpoints(tiny_run, clean_env, tmp_path, 
 @pytest.mark.parametrize("case,log_every,save_every", [("skipped_share", 3, 2), ("min_scale", 3, 3)])
 def test_fp16_health_stops_with_the_deferred_overflow_check(tiny_run, clean_env, tmp_path, monkeypatch, case,
                                                            log_every, save_every):
-    """The same stop through the deferred fp16 overflow check (pipeline.fp16_step), on CPU with DeepSpeed's CPU
+    """The same stop through the deferred fp16 overflow check (pipeline.compat.fp16_step), on CPU with DeepSpeed's CPU
     accelerator told it has fp16.  The intervals leave steps that neither log nor save, whose outcome is read at
     the next backward: skipped_share's limit is crossed at step 5 and found at step 6; min_scale's step 4, at the
     minimum scale, is read inside step 5's backward (Engine.backward raises)."""

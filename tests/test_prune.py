@@ -484,3 +484,27 @@ def test_cli_prints_problems_without_traceback_and_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prune.py"), "--results_dir", str(tmp_path),
                         "--run", "x"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "make pretrain RUN=x" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_method_registry_is_what_the_config_and_the_makefile_offer():
+    """One list of pruning methods: the registry's names are the --method choices and the Makefile's check."""
+    import re
+    import typing
+
+    from conftest import ROOT
+
+    from pipeline.config import ConfigError, parse_cli
+    from pipeline.prune_methods import get, method_names, writes_masks
+
+    names = method_names()
+    assert names[:3] == ("magnitude", "nm", "structured")
+    assert typing.get_args(typing.get_type_hints(PruneConfig)["method"]) == names
+    make = (ROOT / "Makefile").read_text()
+    listed = re.search(r"ifeq \(\$\(filter \$\(PRUNE_METHOD\),([^)]*)\),\)", make).group(1).split()
+    assert tuple(listed) == names, "the Makefile's PRUNE_METHOD check must list pipeline.prune_methods' names"
+    with pytest.raises(ConfigError, match="'pruning' is not one of magnitude, nm, structured"):
+        parse_cli(PruneConfig, ["--preset", "tiny", "--method", "pruning"], "prune")
+    assert any("no pruning method 'x'" in p for p in PruneConfig(method="x").validate())
+    # what stage 04 requires of each: masks for magnitude and nm, none for structured (or an unknown name)
+    assert [writes_masks(n) for n in ("magnitude", "nm", "structured", None, "x")] == [True, True, False, False, False]
+    assert get("nm").target_sparsity(PruneConfig(method="nm", n=1, m=4)) == 0.75

@@ -14,7 +14,7 @@ learns of an overflow, the way PyTorch's ``torch.amp.GradScaler`` does with fuse
 
 - overflow and gradient norm come from one multi-tensor norm and one all-reduce: the step overflowed exactly when
   the global sum of squares is not finite (every fp16 gradient is at most 65504 in magnitude, so finite ones cannot
-  overflow an fp32 sum: see :func:`pipeline.engine.use_foreach_grad_checks`);
+  overflow an fp32 sum: see :func:`pipeline.compat.zero_checks.use_foreach_grad_checks`);
 - the AdamW update is launched at once through PyTorch's fused kernel (``torch._fused_adamw_``, or
   ``torch._fused_adam_`` for L2 weight decay) with ``found_inf`` = the overflow flag (the kernel then leaves weights
   and moments untouched) and ``grad_scale`` = DeepSpeed's combined unscale-and-clip factor
@@ -39,6 +39,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from pipeline.compat import gate
+from pipeline.compat.zero_checks import squared_norm_sum
 
 #: the engine attribute that holds the installed step (install is idempotent)
 _ATTR = "_pipeline_deferred_overflow"
@@ -100,14 +103,19 @@ def why_not(ds_engine: Any) -> str | None:
     return None
 
 
-def install(ds_engine: Any) -> DeferredOverflowStep | None:
+def install(ds_engine: Any, result_type: type) -> DeferredOverflowStep | None:
     """Give ``ds_engine``'s ZeRO-1/2 fp16 optimizer the deferred-overflow step (every rank must call this, before
-    the first step); returns it, or ``None`` (and changes nothing) where :func:`why_not` gives a reason."""
+    the first step); returns it, or ``None`` (and changes nothing) where :func:`why_not` gives a reason or the
+    installed DeepSpeed is outside :data:`pipeline.compat.VERIFIED` (then DeepSpeed's own step runs and one line
+    says so).  ``result_type`` is the step-outcome class the engine hands out (:class:`pipeline.engine.StepResult`:
+    built with ``applied``, ``loss_scale`` and ``grad_norm``; ``reader`` and ``settled`` set on it)."""
     if why_not(ds_engine) is not None:
+        return None
+    if not gate("deferred fp16 overflow step", "deepspeed", "DeepSpeed's own ZeRO-1/2 fp16 step runs"):
         return None
     step = getattr(ds_engine, _ATTR, None)
     if step is None:
-        step = DeferredOverflowStep(ds_engine)
+        step = DeferredOverflowStep(ds_engine, result_type)
         setattr(ds_engine, _ATTR, step)
     return step
 
@@ -154,12 +162,10 @@ class DeferredOverflowStep:
     the host waited for the GPU: in the training loop that happens when the host is more than a forward pass ahead,
     and the GPU still has that forward queued, so it does not idle)."""
 
-    def __init__(self, ds_engine: Any):
+    def __init__(self, ds_engine: Any, result_type: type):
         from deepspeed.ops.adam import FusedAdam
 
-        from pipeline.engine import StepResult
-
-        self._step_result = StepResult
+        self._step_result = result_type
         self.ds = ds_engine
         self.opt = opt = ds_engine.optimizer
         inner = opt.optimizer
@@ -280,8 +286,6 @@ class DeferredOverflowStep:
         from deepspeed import comm as dist
         from deepspeed.runtime.utils import all_gather_dp_groups
         from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-        from pipeline.engine import squared_norm_sum
 
         self.resolve()  # normally done already, before this step's backward
         opt = self.opt
