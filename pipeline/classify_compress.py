@@ -227,7 +227,7 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
     from pipeline.classify import make_classification_eval
     from pipeline.config import config_hash, to_dict
     from pipeline.controls import arch_summary
-    from pipeline.distill import MaskKeeper
+    from pipeline.distill import mask_hooks
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
@@ -250,7 +250,6 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=student_dir, seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
     pad_id = sets["train"].pad_id
-    state: dict[str, Any] = {"keeper": None}
 
     def loss_fn(model: Any, batch: torch.Tensor):
         from pipeline.classify import unpack
@@ -265,14 +264,7 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
         loss, kl, ce = logit_kd_loss(s, t, labels, cfg.temperature, cfg.alpha)
         return loss, {"kd/kl": kl.detach(), "kd/ce": ce.detach()}
 
-    def on_engine(engine: Any) -> None:  # every rank
-        if masks:
-            state["keeper"] = MaskKeeper(engine, masks)
-            state["keeper"].apply(engine)
-
-    def after_step(engine: Any) -> None:  # every rank
-        if state["keeper"] is not None:
-            state["keeper"].apply(engine)
+    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
 
     t_train = time.time()
     try:

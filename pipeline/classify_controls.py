@@ -155,7 +155,7 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
     from pipeline.checkpoint import CheckpointError
     from pipeline.classify import load_classifier, make_classification_eval, make_classification_loss
     from pipeline.classify_compress import _datasets, distill_classifier
-    from pipeline.distill import MaskKeeper
+    from pipeline.distill import mask_hooks
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params
@@ -202,16 +202,7 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=Path(dense_dir), seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
-    state: dict[str, Any] = {"keeper": None}
-
-    def on_engine(engine: Any) -> None:  # every rank
-        if masks:
-            state["keeper"] = MaskKeeper(engine, masks)
-            state["keeper"].apply(engine)
-
-    def after_step(engine: Any) -> None:  # every rank
-        if state["keeper"] is not None:
-            state["keeper"].apply(engine)
+    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
 
     t_train = time.time()
     try:

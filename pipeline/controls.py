@@ -263,7 +263,7 @@ def train_control(cfg: ControlConfig) -> dict | None:
     """
     from pipeline.budget import budget_of, training_budget
     from pipeline.checkpoint import CheckpointError
-    from pipeline.distill import MaskKeeper, distill
+    from pipeline.distill import distill, mask_hooks
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params, load_model
@@ -300,16 +300,7 @@ def train_control(cfg: ControlConfig) -> dict | None:
         except ValueError as e:
             raise StageError(f"the stage-03 masks do not fit the student's architecture ({e}); "
                              f"re-run `make prune RUN={cfg.run}`") from None
-    state: dict[str, Any] = {"keeper": None}
-
-    def on_engine(engine: Any) -> None:  # every rank
-        if masks:
-            state["keeper"] = MaskKeeper(engine, masks)
-            state["keeper"].apply(engine)
-
-    def after_step(engine: Any) -> None:  # every rank
-        if state["keeper"] is not None:
-            state["keeper"].apply(engine)
+    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
 
     t_train = time.time()
     try:

@@ -40,6 +40,28 @@ from pipeline.model import ModelConfig  # noqa: F401 - pipeline.config resolves 
 from pipeline.sparsity import count_mask_violations, load_export_state_dict  # noqa: F401 (re-exported)
 from pipeline.train import TrainConfig
 
+
+def mask_hooks(masks: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """``(on_engine, after_step)`` hooks for :func:`pipeline.train.run_training` that keep ``masks``' zeros.
+
+    ``on_engine`` builds a :class:`MaskKeeper` on the engine and zeroes the pruned weights once; ``after_step``
+    re-zeroes them after every optimizer step.  With empty ``masks`` both do nothing.  Every rank must run both
+    (MaskKeeper writes each rank's own partition of the fp32 master weights).
+    """
+    keeper: list[MaskKeeper] = []
+
+    def on_engine(engine: Any) -> None:  # every rank
+        if masks:
+            keeper.append(MaskKeeper(engine, masks))
+            keeper[0].apply(engine)
+
+    def after_step(engine: Any) -> None:  # every rank
+        if keeper:
+            keeper[0].apply(engine)
+
+    return on_engine, after_step
+
+
 # ---------------------------------------------------------------------------------------------
 # the KD loss
 
@@ -484,16 +506,15 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
     tb_dir = cfg.tb_root() / tb_name
 
     # -- state built once the engine exists ----------------------------------------------------
-    state: dict[str, Any] = {"teacher": None, "keeper": None, "ref": {}}
+    state: dict[str, Any] = {"teacher": None, "ref": {}}
+    keep_masks, after_step = mask_hooks(masks)  # every rank runs both
 
     def on_engine(engine: Any) -> None:  # every rank
         extra = {k: v for k, v in engine.config.get("zero_optimization", {}).items() if k in _TEACHER_ZERO3_KEYS}
         teacher = prepare_teacher(teacher_dir, engine.dtype, engine.device, engine.zero_stage,
                                   cfg.micro_batch_size, zero3_config=extra)
         state["teacher"] = teacher
-        if masks:
-            state["keeper"] = MaskKeeper(engine, masks)
-            state["keeper"].apply(engine)
+        keep_masks(engine)
         if resuming:
             return  # the reference figures come back from the checkpoint (restore_hook)
         eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
@@ -515,10 +536,6 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
                     if pruned_fp32 is not None and prec != "float32" else "")
             print(f"[{stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f} (in "
                   f"{prec}, as training evaluates{same})", flush=True)
-
-    def after_step(engine: Any) -> None:  # every rank
-        if state["keeper"] is not None:
-            state["keeper"].apply(engine)
 
     def restore(client: dict) -> None:
         state["ref"] = dict(client.get("distill_ref", {}))
