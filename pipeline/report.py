@@ -415,6 +415,25 @@ def student_tail(models: dict[str, dict], s: dict, d: dict) -> str:
     return below_dense + "; this run has no control models (`make controls`) to say what else the same steps buy."
 
 
+def recipe_line(mans: dict[str, dict]) -> str | None:
+    """The compression recipe as stages 03 and 04 recorded it (pruning method, sparsity, importance and
+    calibration; distillation steps, LR, ``alpha``, temperature and hidden-state weight), or ``None`` when the run
+    has neither stage.  Named in the report so a figure can be traced to the settings that produced it."""
+    parts = []
+    pc = (mans.get("prune") or {}).get("config") or {}
+    if pc:
+        imp = pc.get("importance") or "magnitude"
+        calib = f", {pc.get('calib_blocks')} calibration blocks of the training split" if imp != "magnitude" else ""
+        depth = f", {pc['drop_layers']} blocks dropped" if pc.get("drop_layers") else ""
+        parts.append(f"pruning {pc.get('method')} at sparsity {pc.get('sparsity')} by {imp} importance{calib}{depth}")
+    dc = (mans.get("distill") or {}).get("config") or {}
+    if dc:
+        hidden = f", hidden-state MSE weight {dc['hidden_mse_weight']}" if dc.get("hidden_mse_weight") else ""
+        parts.append(f"distillation {dc.get('max_steps')} steps at LR {dc.get('lr')} (warm-up {dc.get('warmup_steps')}),"
+                     f" alpha {dc.get('alpha')} (KL weight), temperature {dc.get('temperature')}{hidden}")
+    return ("- Recipe: " + "; ".join(parts) + ".") if parts else None
+
+
 def summary_lines(models: dict[str, dict]) -> list[str]:
     """Plain-language findings computed from the table's figures (no new measurement)."""
     d = models["dense"]
@@ -789,7 +808,7 @@ def render(run: str, run_dir: Path, data: dict[str, Any], plots: dict[str, Path 
                   f"is built without it. Run `make report RUN={run} PRESET={ev['config'].get('preset')}` to add it "
                   f"(it makes the missing stage, then re-evaluates).", ""]
     lines += [*controls_section(run_dir, mans, models, ref), *regime_section(mans),
-              "## Summary", "", *summary_lines(models), "",
+              "## Summary", "", *summary_lines(models), *filter(None, [recipe_line(mans)]), "",
               "## Models", "", *model_table(models, ref), "",
               f"Δ: relative change against the dense model. Speed-up: dense latency / model latency at batch × seq len "
               f"= {ref.replace('b', '').replace('_t', ' × ')}"

@@ -133,3 +133,20 @@ def test_main_table_uses_cuda_graph_latency_when_every_model_has_one():
     models["pruned"] = row(5.0)  # one model without a graph: eager figures for all
     assert not graphed_reference(models, "b1_t8")
     assert "CUDA graph" not in "\n".join(model_table(models, "b1_t8"))
+
+
+def test_recipe_line_names_pruning_and_distillation_settings():
+    """The report names the recipe that produced its figures, from stages 03/04's recorded configs."""
+    from pipeline.report import recipe_line
+
+    mans = {"prune": {"config": {"method": "structured", "sparsity": 0.5, "importance": "activation",
+                                 "calib_blocks": 128, "drop_layers": 0}},
+            "distill": {"config": {"max_steps": 100, "lr": 6e-4, "warmup_steps": 10, "alpha": 0.5,
+                                   "temperature": 2.0, "hidden_mse_weight": 0.0}}}
+    line = recipe_line(mans)
+    assert "structured at sparsity 0.5 by activation importance, 128 calibration blocks" in line
+    assert "100 steps at LR 0.0006" in line and "alpha 0.5" in line and "temperature 2.0" in line
+    assert "hidden-state" not in line
+    mans["prune"]["config"].update(importance="magnitude")
+    assert "calibration" not in recipe_line(mans)
+    assert recipe_line({"eval": {}}) is None
