@@ -14,7 +14,6 @@ resolves every registered entry on a real tiny model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,11 +160,6 @@ def of(model: nn.Module) -> Architecture:
 def find(model: nn.Module) -> Architecture | None:
     """The entry of ``model``, or ``None`` when its ``model_type`` is not registered."""
     return ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
-
-
-def blocks_with_index(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
-    """``(index, block)`` of every transformer block of ``model`` (raises ``KeyError`` as :func:`of`)."""
-    yield from enumerate(of(model).blocks_of(model)[1])
 
 
 # LLaMA (transformers' LlamaForCausalLM): pre-norm RMSNorm blocks, separate q/k/v/o, SwiGLU MLP, RoPE, GQA

@@ -578,7 +578,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
     result transposed (column-major), and ``scaled_dot_product_attention`` refuses its fused (flash /
     memory-efficient) kernels for q/k/v whose last dimension is strided and falls back to the fp32 math
     kernel: seen on an H200 (PyTorch 2.11), where that fallback, not the linear layers, made a 2:4 model
-    4x slower than dense.  So converted layers get a forward hook, by ``contiguous``:
+    slower than dense (``results/bench/NOTES.md``).  So converted layers get a forward hook, by ``contiguous``:
 
     - ``all``: every output copied to contiguous memory (the copy is part of every 2:4 timing);
     - ``auto``: copied only when its last dimension is strided (none with ``fuse_transpose``, whose output is
