@@ -43,8 +43,6 @@ from pipeline.manifest import StageError, require_stage, stage_dir
 #: evaluable stages, in pipeline order, and the name each model gets in tables and TensorBoard tags
 MODEL_STAGES = {"pretrain": "dense", "prune": "pruned", "distill": "distilled"}
 
-DEFAULT_PROMPT = "To be, or not to be, that is the question:"
-
 
 @dataclass
 class EvalConfig(CommonConfig):

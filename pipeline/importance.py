@@ -169,11 +169,6 @@ def kv_group_activation_importance(o_proj_stat: torch.Tensor, heads: int, kv: in
     return torch.linalg.vector_norm(channel.view(kv, r * head_dim), ord=2, dim=1)
 
 
-def head_activation_importance(o_proj_stat: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Activation importance of each query head, shape ``(heads,)``: the L2 norm of its channels' importances."""
-    return torch.linalg.vector_norm(o_proj_stat.float().clamp_min(0).sqrt().view(heads, head_dim), ord=2, dim=1)
-
-
 def mlp_channel_activation_importance(down_proj_stat: torch.Tensor) -> torch.Tensor:
     """Activation importance of each MLP intermediate channel: ``sqrt`` of the ``down_proj`` input statistic."""
     return down_proj_stat.float().clamp_min(0).sqrt()

@@ -120,7 +120,6 @@ SPARSE_VARIANTS: dict[str, dict[str, Any]] = {
     "2:4+ft+fuse+compile": {"fuse_transpose": True, "contiguous": "auto", "fuse_projections": True},
 }
 #: dense controls: the dense model with fused q/k/v and gate/up projections (the fusion alone), compiled
-DENSE_VARIANTS = ("dense+fuse", "dense+compile")
 VARIANTS = ("dense", "structured", "dense+fuse", "dense+compile", *SPARSE_VARIANTS)
 # the fused-transpose variants (+ft) are opt-in: one eager 124m prefill took 15.8 s on the H200 (NOTES, 2026-12-03)
 DEFAULT_VARIANTS = ("dense", "structured", "dense+fuse", "2:4", "2:4+attn")
