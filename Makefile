@@ -1,6 +1,6 @@
 # Staged pipeline: each target is a stage's manifest.json, so `make` re-runs only stale stages.
 #   make all                      whole pipeline on the default corpus and the CPU preset
-#   make test                     the test suite
+#   make test                     the test suite (every tier); make test-unit: the fast unit tier
 #   make controls RUN=x           the compression controls (dense+, finetune, scratch; part of make all)
 #   make pretrain RUN=x PRESET=tiny LAUNCHER=deepspeed NGPU=2
 #   make classify TASK=classify LAUNCHER=horovod NGPU=2   stage 02b under horovodrun (scripts/install_horovod.sh first)
@@ -95,7 +95,7 @@ $(foreach s,$(FORCED),$(patsubst $(s)=%,%,$(filter $(s)=%,$(STAGE_FILES)))): .FO
 endif
 OVERWRITE = $(if $(filter $(1),$(FORCED)),--overwrite,)
 
-.PHONY: all setup data pretrain prune distill eval report test lint tensorboard bench clean-run help controls classify
+.PHONY: all setup data pretrain prune distill eval report test test-unit test-integration test-compat test-gpu lint tensorboard bench clean-run help controls classify
 .DELETE_ON_ERROR:
 
 all: report
@@ -177,11 +177,16 @@ endif
 tensorboard: $(SETUP)
 	$(PY) -m tensorboard.main --logdir $(R)/tb --host 127.0.0.1 --port $(TB_PORT)
 
-# Runs every test, the slow end-to-end one included; GPU tests skip without CUDA.
+# Test tiers (markers; tests/conftest.py puts each test in one): unit (fast, in-process), integration (stages end to
+# end, subprocesses, launchers), compat (pipeline.compat against the libraries' own paths), gpu (skip without CUDA).
+# make test: every tier; make test-unit / test-integration / test-compat / test-gpu: one tier.
 # pytest's exit 5 ("no tests collected") is turned into a failure.
+PYTEST_RUN = rc=$$?; if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 test: $(SETUP)
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest tests $(PYTEST_ARGS); $(PYTEST_RUN)
+
+test-unit test-integration test-compat test-gpu: test-%: $(SETUP)
+	$(PY) -m pytest tests -m $* $(PYTEST_ARGS); $(PYTEST_RUN)
 
 lint: $(SETUP)
 	$(PY) -m ruff check pipeline scripts tests

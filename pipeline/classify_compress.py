@@ -68,10 +68,13 @@ class PruneClassifierConfig(PruneConfig):
     """Stage 03 of the encoder path (preset section ``prune``): PruneConfig's fields, applied to the classifier."""
 
 
-def bert_ffn_importance(layer: nn.Module) -> torch.Tensor:
-    """Squared L2 norm per MLP channel: the ``intermediate.dense`` row plus the ``output.dense`` column, ``(I,)``."""
-    return (layer.intermediate.dense.weight.float().pow(2).sum(1)
-            + layer.output.dense.weight.float().pow(2).sum(0))
+def bert_ffn_importance(layer: nn.Module, arch: Any = None) -> torch.Tensor:
+    """Squared L2 norm per MLP channel: the ``intermediate.dense`` row plus the ``output.dense`` column, ``(I,)``
+    (the block's MLP projections as ``arch``, by default :mod:`pipeline.architectures`' ``bert``, names them)."""
+    from pipeline import architectures
+
+    (up,), down = (arch or architectures.get("bert")).mlp_projections(layer)
+    return up.weight.float().pow(2).sum(1) + down.weight.float().pow(2).sum(0)
 
 
 @torch.no_grad()
@@ -86,9 +89,15 @@ def prune_bert_ffn(model: nn.Module, ratio: float) -> int:
     keep_n = inter - round(inter * ratio)
     if keep_n < 1:
         raise ValueError(f"mlp ratio {ratio} leaves no MLP channel of {inter}; lower --sparsity/--mlp_ratio")
-    for layer in model.bert.encoder.layer:
-        keep = torch.topk(bert_ffn_importance(layer), keep_n).indices.sort().values
-        up, down = layer.intermediate.dense, layer.output.dense
+    from pipeline import architectures
+
+    arch = architectures.of(model)
+    if len(arch.mlp_in) != 1:
+        raise ValueError(f"MLP-channel pruning of the encoder expects one projection into the MLP channels; "
+                         f"'{arch.name}' has {', '.join(arch.mlp_in)}")
+    for layer in arch.blocks_of(model)[1]:
+        keep = torch.topk(bert_ffn_importance(layer, arch), keep_n).indices.sort().values
+        (up,), down = arch.mlp_projections(layer)
         new_up = nn.Linear(up.in_features, keep_n, bias=up.bias is not None)
         new_up.weight.copy_(up.weight[keep])
         if up.bias is not None:
@@ -97,7 +106,8 @@ def prune_bert_ffn(model: nn.Module, ratio: float) -> int:
         new_down.weight.copy_(down.weight[:, keep])
         if down.bias is not None:
             new_down.bias.copy_(down.bias)
-        layer.intermediate.dense, layer.output.dense = new_up, new_down
+        arch.replace(layer, arch.mlp_in[0], new_up)
+        arch.replace(layer, arch.mlp_out, new_down)
     model.config.intermediate_size = keep_n
     return keep_n
 

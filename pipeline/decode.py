@@ -1,8 +1,8 @@
 """Greedy decoding as a server runs it: a static KV cache and a decode step replayed from a CUDA graph.
 
 Hugging Face's eager ``generate`` re-launches every kernel of every layer from Python at each new token, so
-for models below a few billion parameters its tokens/s measure the host, not the model (measured on an H200:
-87 tok/s for a 97.5M-parameter model, whatever its width).  Serving stacks (vLLM, TensorRT-LLM, transformers'
+for models below a few billion parameters its tokens/s measure the host, not the model (the H200 figure is in
+``results/bench/NOTES.md``, "Figures moved out of docstrings").  Serving stacks (vLLM, TensorRT-LLM, transformers'
 own ``cache_implementation="static"`` with ``torch.compile(mode="reduce-overhead")``) pre-allocate the KV cache
 and replay the one-token step from a CUDA graph.  :class:`StaticDecoder` does the same with transformers'
 ``StaticCache``:

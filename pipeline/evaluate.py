@@ -43,8 +43,6 @@ from pipeline.manifest import StageError, require_stage, stage_dir
 #: evaluable stages, in pipeline order, and the name each model gets in tables and TensorBoard tags
 MODEL_STAGES = {"pretrain": "dense", "prune": "pruned", "distill": "distilled"}
 
-DEFAULT_PROMPT = "To be, or not to be, that is the question:"
-
 
 @dataclass
 class EvalConfig(CommonConfig):
@@ -474,10 +472,6 @@ def _contiguous_if_strided(module: nn.Module, args: Any, output: torch.Tensor) -
 #: variant measured far slower on the H200 (``results/bench/NOTES.md``, 2026-12-03), so it stays opt-in.
 SEMI_STRUCTURED_DEFAULTS: dict[str, Any] = {"fuse_transpose": False, "contiguous": "all", "fuse_projections": False}
 
-#: groups of sibling projections that read the same input, in the order the module's forward calls them
-#: (LLaMA / Mistral / Qwen attention and SwiGLU MLP in transformers)
-FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
 
 class FusedProjections(nn.Module):
     """One matmul for sibling linear layers that read the same input (q/k/v, gate/up): the weights concatenated
@@ -524,17 +518,29 @@ class FusedProjectionPart(nn.Module):
 def fuse_sibling_projections(model: nn.Module, eligible: Callable[[nn.Linear], bool] = lambda m: True,
                              convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
                              hook_for: Callable[[str], Any] | None = None) -> list[str]:
-    """Fuse every group of :data:`FUSABLE_PROJECTIONS` found in ``model`` (in place) into a
-    :class:`FusedProjections`, registered beside them as ``qkv_fused`` / ``gate_up_fused``; each sibling
-    becomes a :class:`FusedProjectionPart`.  A group is fused when every sibling is an ``nn.Linear`` of
+    """Fuse, in every block, each group of sibling projections that :mod:`pipeline.architectures` lists as
+    ``fusable`` for the model (LLaMA: q/k/v and gate/up) into a :class:`FusedProjections`, registered beside them
+    under the group's name (``qkv_fused`` / ``gate_up_fused``); each sibling becomes a
+    :class:`FusedProjectionPart`.  A group is fused when every sibling is an ``nn.Linear`` of
     :func:`prunable_linears` passing ``eligible`` and all share the input width.  ``convert`` turns the
     concatenated weight into the one used (e.g. a sparse tensor); ``hook_for(name)``, when it returns a hook,
-    is registered as the forward hook of that part.  Returns the names of the fused siblings."""
+    is registered as the forward hook of that part.  Returns the names of the fused siblings.
+
+    Raises:
+        KeyError: an architecture missing from :mod:`pipeline.architectures`.
+    """
+    from pipeline import architectures
+
+    arch = architectures.of(model)
+    blocks_name, blocks = arch.blocks_of(model)
     lin = prunable_linears(model)
     fused_names: list[str] = []
-    for parent_name, parent in dict(model.named_modules()).items():
-        for group in FUSABLE_PROJECTIONS:
-            names = [f"{parent_name}.{g}" if parent_name else g for g in group]
+    for b, block in enumerate(blocks):
+        for fused_name, group in arch.fusable:
+            parent_path = group[0].rpartition(".")[0]
+            parent_name = f"{blocks_name}.{b}.{parent_path}" if parent_path else f"{blocks_name}.{b}"
+            parent = block.get_submodule(parent_path) if parent_path else block
+            names = [f"{blocks_name}.{b}.{g}" for g in group]
             parts = [lin.get(n) for n in names]
             if not all(isinstance(m, nn.Linear) and eligible(m) for m in parts):
                 continue
@@ -545,16 +551,17 @@ def fuse_sibling_projections(model: nn.Module, eligible: Callable[[nn.Linear], b
                 try:
                     fused.weight = nn.Parameter(convert(fused.weight.detach()), requires_grad=False)
                 except Exception as e:  # noqa: BLE001 - this group stays unfused, the caller converts its layers
-                    print(f"fuse_sibling_projections: {parent_name} {'/'.join(group)} left unfused: "
+                    leaves = "/".join(g.rpartition(".")[2] for g in group)
+                    print(f"fuse_sibling_projections: {parent_name} {leaves} left unfused: "
                           f"{type(e).__name__}: {e}"[:300], flush=True)
                     continue
-            parent.add_module("qkv_fused" if group[0] == "q_proj" else "gate_up_fused", fused)
+            parent.add_module(fused_name, fused)
             for i, (n, g, m) in enumerate(zip(names, group, parts)):
                 part = FusedProjectionPart(fused, i, m.in_features, m.out_features)
                 hook = hook_for(n) if hook_for is not None else None
                 if hook is not None:
                     part.register_forward_hook(hook)
-                setattr(parent, g, part)
+                arch.replace(block, g, part)
                 fused_names.append(n)
     return fused_names
 
@@ -569,7 +576,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
     result transposed (column-major), and ``scaled_dot_product_attention`` refuses its fused (flash /
     memory-efficient) kernels for q/k/v whose last dimension is strided and falls back to the fp32 math
     kernel: seen on an H200 (PyTorch 2.11), where that fallback, not the linear layers, made a 2:4 model
-    4x slower than dense.  So converted layers get a forward hook, by ``contiguous``:
+    slower than dense (``results/bench/NOTES.md``).  So converted layers get a forward hook, by ``contiguous``:
 
     - ``all``: every output copied to contiguous memory (the copy is part of every 2:4 timing);
     - ``auto``: copied only when its last dimension is strided (none with ``fuse_transpose``, whose output is
@@ -577,7 +584,7 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
     - ``attention``: only the q/k/v outputs (when strided); the MLP and output projections pass their
       transposed result on, and the next sparse matmul reads it as the transposed operand it wants anyway.
 
-    ``fuse_projections``: q/k/v and gate/up (:data:`FUSABLE_PROJECTIONS`) become one sparse matmul each
+    ``fuse_projections``: q/k/v and gate/up (the architecture's ``fusable`` groups) become one sparse matmul each
     (:class:`FusedProjections`), when every sibling is 2:4 and they share the input width.
     ``alg_search_tokens``: see :func:`pipeline.compat.torch_compat.semi_structured_weight`.
 
@@ -589,13 +596,16 @@ def to_semi_structured(model: nn.Module, fuse_transpose: bool = False, contiguou
     """
     if contiguous not in ("all", "auto", "attention"):
         raise ValueError(f"contiguous must be all, auto or attention, got {contiguous!r}")
-    attn_names = {"q_proj", "k_proj", "v_proj"}
+    from pipeline import architectures
+
+    arch = architectures.find(model)
+    # the q/k/v projections' paths inside a block (``self_attn.q_proj``; any block's name ends with one)
+    attn_paths = {arch.q, arch.k, arch.v} if arch is not None else set()
 
     def hook_for(name: str):
-        leaf = name.rsplit(".", 1)[-1]
         if contiguous == "all":
             return _contiguous_output
-        if contiguous == "attention" and leaf not in attn_names:
+        if contiguous == "attention" and not any(name.endswith("." + p) for p in attn_paths):
             return None
         return _contiguous_if_strided
 

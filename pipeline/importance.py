@@ -169,11 +169,6 @@ def kv_group_activation_importance(o_proj_stat: torch.Tensor, heads: int, kv: in
     return torch.linalg.vector_norm(channel.view(kv, r * head_dim), ord=2, dim=1)
 
 
-def head_activation_importance(o_proj_stat: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Activation importance of each query head, shape ``(heads,)``: the L2 norm of its channels' importances."""
-    return torch.linalg.vector_norm(o_proj_stat.float().clamp_min(0).sqrt().view(heads, head_dim), ord=2, dim=1)
-
-
 def mlp_channel_activation_importance(down_proj_stat: torch.Tensor) -> torch.Tensor:
     """Activation importance of each MLP intermediate channel: ``sqrt`` of the ``down_proj`` input statistic."""
     return down_proj_stat.float().clamp_min(0).sqrt()
@@ -182,18 +177,22 @@ def mlp_channel_activation_importance(down_proj_stat: torch.Tensor) -> torch.Ten
 def llama_activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int
                                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per decoder block of a LLaMA model, ``(kv-group importance (kv,), MLP-channel importance (F,))`` from one
-    calibration pass of the dense model (Minitron's aggregation; see the module docstring)."""
+    calibration pass of the dense model (Minitron's aggregation; see the module docstring).  The attention output
+    and MLP down projections are those :mod:`pipeline.architectures` names for the model."""
+    from pipeline import architectures
+
+    arch = architectures.of(model)
     cfg = model.config
-    heads, kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    heads, kv, hd = arch.heads(cfg), arch.kv_heads(cfg), arch.head_dim(cfg)
+    layers = arch.blocks_of(model)[1]
     modules: dict[str, nn.Module] = {}
-    for i, blk in enumerate(model.model.layers):
-        modules[f"{i}.o_proj"] = blk.self_attn.o_proj
-        modules[f"{i}.down_proj"] = blk.mlp.down_proj
+    for i, blk in enumerate(layers):
+        modules[f"{i}.o_proj"] = blk.get_submodule(arch.o)
+        modules[f"{i}.down_proj"] = blk.get_submodule(arch.mlp_out)
     stats = channel_activations(model, modules, blocks, batch_size)
     return {i: (kv_group_activation_importance(stats[f"{i}.o_proj"], heads, kv, hd).cpu(),
                 mlp_channel_activation_importance(stats[f"{i}.down_proj"]).cpu())
-            for i in range(len(model.model.layers))}
+            for i in range(len(layers))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,26 +207,30 @@ def lowest(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def drop_decoder_blocks(model: nn.Module, drop: Sequence[int]) -> list[int]:
-    """Remove the decoder blocks ``drop`` of a LLaMA-style model in place; returns the kept blocks' original indices.
+    """Remove the decoder blocks ``drop`` of a model in place; returns the kept blocks' original indices.
 
-    ``model.model.layers`` keeps the other blocks in order, every attention module's ``layer_idx`` is renumbered
-    (the key/value cache is indexed by it), ``config.num_hidden_layers`` and, when the config has it,
-    ``config.layer_types`` follow.
+    The block list (:mod:`pipeline.architectures`: ``model.model.layers`` in LLaMA) keeps the other blocks in
+    order, every attention module's ``layer_idx`` is renumbered (the key/value cache is indexed by it),
+    ``config.num_hidden_layers`` and, when the config has it, ``config.layer_types`` follow.
 
     Raises:
         ValueError: an index out of range, or no block left.
+        KeyError: an architecture missing from :mod:`pipeline.architectures`.
     """
-    layers = model.model.layers
+    from pipeline import architectures
+
+    arch = architectures.of(model)
+    layers = arch.blocks_of(model)[1]
     n = len(layers)
     bad = [i for i in drop if not 0 <= i < n]
     if bad or len(set(drop)) >= n:
         raise ValueError(f"cannot remove blocks {sorted(drop)} of {n}: indices must lie in [0, {n}) and leave "
                          f"at least one block; lower --drop_layers")
     kept = [i for i in range(n) if i not in set(drop)]
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for new, blk in enumerate(model.model.layers):
-        attn = getattr(blk, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
+    arch.set_blocks(model, nn.ModuleList([layers[i] for i in kept]))
+    for new, blk in enumerate(arch.blocks_of(model)[1]):
+        attn = blk.get_submodule(arch.attention)
+        if hasattr(attn, "layer_idx"):
             attn.layer_idx = new
         if hasattr(blk, "layer_idx"):
             blk.layer_idx = new

@@ -36,10 +36,6 @@ class UnsafeFileError(RuntimeError):
     """A file would run code when loaded (a pickle holding objects beyond tensors and plain data)."""
 
 
-class IntegrityError(RuntimeError):
-    """A file is missing, truncated or changed since its size and hash were recorded."""
-
-
 def file_record(path: str | Path) -> dict:
     """``{"size": bytes, "sha256": hex}`` of a file."""
     return {"size": os.path.getsize(path), "sha256": file_sha256(path)}

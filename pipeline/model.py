@@ -14,8 +14,6 @@ from typing import Literal
 
 from pipeline.config import doc
 
-ARCHS = ("llama", "gpt2")
-
 
 @dataclass
 class ModelConfig:

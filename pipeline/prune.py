@@ -31,12 +31,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pipeline import architectures
+from pipeline.architectures import Architecture
 from pipeline.config import CommonConfig, doc
 from pipeline.prune_methods import PruneMethod, get, method_names, register
 from pipeline.sparsity import apply_masks, compute_masks, prunable_weights, sparsity_report
 
-#: model_type values each method supports (structured pruning edits the module layout, so it is explicit)
-STRUCTURED_ARCHS = ("llama",)
+
+def structured_archs() -> tuple[str, ...]:
+    """The ``model_type`` values structured pruning supports: the :mod:`pipeline.architectures` entries marked
+    ``width_prunable`` (it edits the module layout, so support is explicit)."""
+    return tuple(n for n, a in architectures.ARCHITECTURES.items() if a.width_prunable)
 
 
 @dataclass
@@ -212,8 +217,8 @@ def width_plan(config: Any, head_ratio: float, mlp_ratio: float) -> tuple[WidthP
         (plan, []) or (None, problems); a head-ratio problem lists the ratios that work.
     """
     problems = []
-    if getattr(config, "model_type", None) not in STRUCTURED_ARCHS:
-        problems.append(f"structured pruning supports {', '.join(STRUCTURED_ARCHS)} (LlamaForCausalLM) models; "
+    if getattr(config, "model_type", None) not in structured_archs():
+        problems.append(f"structured pruning supports {', '.join(structured_archs())} (LlamaForCausalLM) models; "
                         f"this one is '{getattr(config, 'model_type', '?')}': use --method magnitude or nm")
         return None, problems
     heads, kv, ff = int(config.num_attention_heads), int(config.num_key_value_heads), int(config.intermediate_size)
@@ -292,8 +297,10 @@ def _sq_norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return w.pow(2).sum(dim=1 - dim)
 
 
-def kv_group_importance(attn: nn.Module, heads: int, kv: int, head_dim: int) -> torch.Tensor:
-    """Magnitude importance of each key/value group of a LLaMA attention block, shape ``(kv,)``.
+def kv_group_importance(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear, heads: int,
+                        kv: int, head_dim: int) -> torch.Tensor:
+    """Magnitude importance of each key/value group of a LLaMA attention block, shape ``(kv,)``; the projections
+    are :meth:`pipeline.architectures.Architecture.attention_projections` of the block.
 
     Group ``g`` is key/value head ``g`` and query heads ``g·r … (g+1)·r - 1`` (``r = heads / kv``, the
     order ``repeat_kv`` uses).  Its score is the mean, over ``q_proj``, ``k_proj``, ``v_proj`` (rows) and
@@ -302,19 +309,22 @@ def kv_group_importance(attn: nn.Module, heads: int, kv: int, head_dim: int) -> 
     (per-channel squared norms averaged over the group's layers, then over the head's channels).
     """
     r = heads // kv
-    q = _sq_norms(attn.q_proj.weight, 0).view(kv, r * head_dim).mean(1)
-    o = _sq_norms(attn.o_proj.weight, 1).view(kv, r * head_dim).mean(1)
-    k = _sq_norms(attn.k_proj.weight, 0).view(kv, head_dim).mean(1)
-    v = _sq_norms(attn.v_proj.weight, 0).view(kv, head_dim).mean(1)
+    q = _sq_norms(q_proj.weight, 0).view(kv, r * head_dim).mean(1)
+    o = _sq_norms(o_proj.weight, 1).view(kv, r * head_dim).mean(1)
+    k = _sq_norms(k_proj.weight, 0).view(kv, head_dim).mean(1)
+    v = _sq_norms(v_proj.weight, 0).view(kv, head_dim).mean(1)
     return (q + k + v + o) / 4
 
 
-def mlp_channel_importance(mlp: nn.Module) -> torch.Tensor:
-    """Magnitude importance of each intermediate channel of a LLaMA MLP, shape ``(intermediate_size,)``:
-    the mean of the squared L2 norms of its ``gate_proj`` row, ``up_proj`` row and ``down_proj`` column
-    (torch-pruning's ``GroupMagnitudeImportance(p=2)`` before its normalisation, which keeps the order)."""
-    return (_sq_norms(mlp.gate_proj.weight, 0) + _sq_norms(mlp.up_proj.weight, 0)
-            + _sq_norms(mlp.down_proj.weight, 1)) / 3
+def mlp_channel_importance(mlp_in: list[nn.Linear], mlp_out: nn.Linear) -> torch.Tensor:
+    """Magnitude importance of each intermediate channel of an MLP, shape ``(intermediate_size,)``: the mean of
+    the squared L2 norms of its rows in ``mlp_in`` (LLaMA: ``gate_proj``, ``up_proj``) and its ``mlp_out`` column
+    (``down_proj``; :meth:`pipeline.architectures.Architecture.mlp_projections`), torch-pruning's
+    ``GroupMagnitudeImportance(p=2)`` before its normalisation, which keeps the order."""
+    total = _sq_norms(mlp_in[0].weight, 0)
+    for lin in mlp_in[1:]:
+        total = total + _sq_norms(lin.weight, 0)
+    return (total + _sq_norms(mlp_out.weight, 1)) / (len(mlp_in) + 1)
 
 
 def _removed(scores: torch.Tensor, n_keep: int) -> list[int]:
@@ -326,42 +336,47 @@ def _removed(scores: torch.Tensor, n_keep: int) -> list[int]:
 
 
 @torch.no_grad()
-def _manual_prune_block(block: nn.Module, plan: WidthPlan, kv_scores: torch.Tensor | None = None,
+def _manual_prune_block(block: nn.Module, plan: WidthPlan, arch: Architecture, kv_scores: torch.Tensor | None = None,
                         mlp_scores: torch.Tensor | None = None) -> None:
     """Slice one block's ranked key/value groups and MLP channels; ``kv_scores``/``mlp_scores`` replace the
     magnitude importances when given (e.g. :func:`pipeline.importance.llama_activation_importance`)."""
     import torch_pruning as tp
 
-    attn, mlp, hd = block.self_attn, block.mlp, plan.head_dim
+    (q_proj, k_proj, v_proj, o_proj), (mlp_in, mlp_out) = arch.attention_projections(block), arch.mlp_projections(block)
+    hd = plan.head_dim
     if plan.new_key_value_heads < plan.num_key_value_heads:
         r = plan.num_attention_heads // plan.num_key_value_heads
         if kv_scores is None:
-            kv_scores = kv_group_importance(attn, plan.num_attention_heads, plan.num_key_value_heads, hd)
+            kv_scores = kv_group_importance(q_proj, k_proj, v_proj, o_proj, plan.num_attention_heads,
+                                            plan.num_key_value_heads, hd)
         groups = _removed(kv_scores, plan.new_key_value_heads)
         q_idx = [c for g in groups for c in range(g * r * hd, (g + 1) * r * hd)]
         kv_idx = [c for g in groups for c in range(g * hd, (g + 1) * hd)]
-        tp.prune_linear_out_channels(attn.q_proj, q_idx)
-        tp.prune_linear_out_channels(attn.k_proj, kv_idx)
-        tp.prune_linear_out_channels(attn.v_proj, kv_idx)
-        tp.prune_linear_in_channels(attn.o_proj, q_idx)
+        tp.prune_linear_out_channels(q_proj, q_idx)
+        tp.prune_linear_out_channels(k_proj, kv_idx)
+        tp.prune_linear_out_channels(v_proj, kv_idx)
+        tp.prune_linear_in_channels(o_proj, q_idx)
     if plan.new_intermediate_size < plan.intermediate_size:
-        idx = _removed(mlp_channel_importance(mlp) if mlp_scores is None else mlp_scores, plan.new_intermediate_size)
-        tp.prune_linear_out_channels(mlp.gate_proj, idx)
-        tp.prune_linear_out_channels(mlp.up_proj, idx)
-        tp.prune_linear_in_channels(mlp.down_proj, idx)
+        scores = mlp_channel_importance(mlp_in, mlp_out) if mlp_scores is None else mlp_scores
+        idx = _removed(scores, plan.new_intermediate_size)
+        for lin in mlp_in:
+            tp.prune_linear_out_channels(lin, idx)
+        tp.prune_linear_in_channels(mlp_out, idx)
 
 
 @torch.enable_grad()  # torch-pruning traces the block with autograd
-def _torch_pruning_block(block: nn.Module, plan: WidthPlan, rotary: nn.Module, seq: int = 8) -> None:
+def _torch_pruning_block(block: nn.Module, plan: WidthPlan, rotary: nn.Module, arch: Architecture,
+                         seq: int = 8) -> None:
     """torch-pruning on one block's attention and MLP, each traced on its own (tracing the whole model, or
     grouped-query attention, does not finish with torch-pruning 1.6.1 and transformers 5; see FACTS.md)."""
     import torch_pruning as tp
 
-    p = block.self_attn.q_proj.weight
-    d = block.self_attn.q_proj.in_features
+    q_proj, k_proj, v_proj, o_proj = arch.attention_projections(block)
+    mlp_in, mlp_out = arch.mlp_projections(block)
+    p, d = q_proj.weight, q_proj.in_features
     x = torch.randn(1, seq, d, dtype=p.dtype, device=p.device)
     imp = tp.importance.GroupMagnitudeImportance(p=2)
-    attn, mlp = block.self_attn, block.mlp
+    attn, mlp = block.get_submodule(arch.attention), block.get_submodule(arch.mlp)
     heads_removed = plan.num_attention_heads - plan.new_attention_heads
     if heads_removed:
         if plan.num_key_value_heads != plan.num_attention_heads:
@@ -370,22 +385,21 @@ def _torch_pruning_block(block: nn.Module, plan: WidthPlan, rotary: nn.Module, s
         pos = torch.arange(seq, device=p.device)[None]
         # torch-pruning removes ceil(ratio * heads) heads: (k - 0.5) / heads gives exactly k
         ratio = (heads_removed - 0.5) / plan.num_attention_heads
-        nh = {attn.q_proj: plan.num_attention_heads, attn.k_proj: plan.num_attention_heads,
-              attn.v_proj: plan.num_attention_heads}
+        nh = {q_proj: plan.num_attention_heads, k_proj: plan.num_attention_heads, v_proj: plan.num_attention_heads}
         pruner = tp.pruner.BasePruner(
             attn, example_inputs={"hidden_states": x, "position_embeddings": rotary(x, pos), "attention_mask": None},
             importance=imp, pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=nh, prune_num_heads=True,
-            prune_head_dims=False, ignored_layers=[attn.o_proj], output_transform=lambda out: out[0])
+            prune_head_dims=False, ignored_layers=[o_proj], output_transform=lambda out: out[0])
         with torch.no_grad():
             pruner.step()
     if plan.new_intermediate_size < plan.intermediate_size:
         ratio = 1.0 - plan.new_intermediate_size / plan.intermediate_size
         pruner = tp.pruner.BasePruner(mlp, example_inputs=x, importance=imp, pruning_ratio=ratio,
-                                      ignored_layers=[mlp.down_proj])
+                                      ignored_layers=[mlp_out])
         with torch.no_grad():
             pruner.step()
-        if mlp.gate_proj.out_features != plan.new_intermediate_size:  # floating-point rounding of the ratio
-            raise RuntimeError(f"torch-pruning kept {mlp.gate_proj.out_features} MLP channels, "
+        if mlp_in[0].out_features != plan.new_intermediate_size:  # floating-point rounding of the ratio
+            raise RuntimeError(f"torch-pruning kept {mlp_in[0].out_features} MLP channels, "
                                f"expected {plan.new_intermediate_size}; use --structured_backend manual")
 
 
@@ -423,22 +437,24 @@ def prune_llama_width(model: nn.Module, head_ratio: float, mlp_ratio: float,
     if scores is not None and backend == "torch_pruning":
         raise ValueError("given importance scores are sliced by the manual backend; use backend auto or manual")
     use_tp = scores is None and (backend == "torch_pruning" or (backend == "auto" and mha))
-    rotary = model.model.rotary_emb
-    for i, block in enumerate(model.model.layers):
+    arch = architectures.of(model)
+    rotary = arch.rotary_of(model)
+    layers = arch.blocks_of(model)[1]
+    for i, block in enumerate(layers):
         if use_tp:
-            _torch_pruning_block(block, plan, rotary)
+            _torch_pruning_block(block, plan, rotary, arch)
         elif scores is not None:
-            _manual_prune_block(block, plan, *scores[i])
+            _manual_prune_block(block, plan, arch, *scores[i])
         else:
-            _manual_prune_block(block, plan)
+            _manual_prune_block(block, plan, arch)
     hd = plan.head_dim
-    want = {"q_proj": (plan.new_attention_heads * hd, None), "k_proj": (plan.new_key_value_heads * hd, None),
-            "v_proj": (plan.new_key_value_heads * hd, None), "o_proj": (None, plan.new_attention_heads * hd),
-            "gate_proj": (plan.new_intermediate_size, None), "up_proj": (plan.new_intermediate_size, None),
-            "down_proj": (None, plan.new_intermediate_size)}
-    for i, block in enumerate(model.model.layers):
+    want = {arch.q: (plan.new_attention_heads * hd, None), arch.k: (plan.new_key_value_heads * hd, None),
+            arch.v: (plan.new_key_value_heads * hd, None), arch.o: (None, plan.new_attention_heads * hd),
+            **{p: (plan.new_intermediate_size, None) for p in arch.mlp_in},
+            arch.mlp_out: (None, plan.new_intermediate_size)}
+    for i, block in enumerate(layers):
         for name, (out_f, in_f) in want.items():
-            lin = getattr(block.mlp if name.endswith(("gate_proj", "up_proj", "down_proj")) else block.self_attn, name)
+            lin = block.get_submodule(name)
             if (out_f is not None and lin.out_features != out_f) or (in_f is not None and lin.in_features != in_f):
                 raise RuntimeError(f"layer {i} {name} is {tuple(lin.weight.shape)} after pruning, "
                                    f"expected out={out_f} in={in_f}")
@@ -467,7 +483,7 @@ def _block_linear_shapes(model: nn.Module) -> dict[str, int]:
     return {k: pw.param.numel() for k, pw in prunable_weights(model).items()}
 
 
-def _original_names(shapes: dict[str, int], kept: list[int], prefix: str = "model.layers.") -> dict[str, int]:
+def _original_names(shapes: dict[str, int], kept: list[int], prefix: str) -> dict[str, int]:
     """``shapes`` of a depth-pruned model renamed to the blocks' indices before pruning (``kept[new] = old``)."""
     import re
 
@@ -510,12 +526,13 @@ def _prune_structured(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | 
     bs = cfg.eval_batch_size
     before = _block_linear_shapes(model)
     depth = None
-    kept = list(range(len(model.model.layers)))
+    blocks_name, layers = architectures.of(model).blocks_of(model)
+    kept = list(range(len(layers)))
     if cfg.drop_layers:
         from pipeline.calibration import block_influence
         from pipeline.importance import drop_decoder_blocks, lowest
 
-        bi = block_influence(model, model.model.layers, calib, bs)
+        bi = block_influence(model, layers, calib, bs)
         dropped = lowest(bi, cfg.drop_layers)
         kept = drop_decoder_blocks(model, dropped)
         depth = {"dropped": dropped, "kept": kept, "block_influence": [float(v) for v in bi]}
@@ -525,7 +542,7 @@ def _prune_structured(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | 
 
         scores = llama_activation_importance(model, calib, bs)  # on the depth-pruned model
     plan = prune_llama_width(model, *cfg.ratios(), backend=cfg.structured_backend, scores=scores)
-    after = _original_names(_block_linear_shapes(model), kept)
+    after = _original_names(_block_linear_shapes(model), kept, blocks_name + ".")
     layers = {k: 1.0 - after.get(k, 0) / n for k, n in before.items()}
     overall = 1.0 - sum(after.values()) / sum(before.values())
     return {"masks": None, "layer_sparsity": layers, "sparsity": overall, "plan": plan.__dict__, "depth": depth}

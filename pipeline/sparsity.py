@@ -60,16 +60,13 @@ class PrunableWeight:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """``(qualified name, module list)`` of the model's decoder blocks, or ``None`` when not found.
+    """``(qualified name, module list)`` of the model's transformer blocks, or ``None`` when its architecture is
+    not in :mod:`pipeline.architectures` (``model.layers`` in LLaMA, ``transformer.h`` in GPT-2,
+    ``bert.encoder.layer`` in BERT)."""
+    from pipeline import architectures
 
-    The blocks are the first ``nn.ModuleList`` holding ``config.num_hidden_layers`` modules
-    (``model.layers`` in LLaMA, ``transformer.h`` in GPT-2).
-    """
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and n_layers:
-            return name, mod
-    return None
+    arch = architectures.find(model)
+    return arch.blocks_of(model) if arch is not None else None
 
 
 def _candidates(model: nn.Module) -> dict[str, PrunableWeight]:
@@ -97,7 +94,8 @@ def prunable_weights(model: nn.Module, include: Iterable[str] = (), exclude: Ite
     """The weights a pruning method acts on, keyed by parameter name, in model order.
 
     Args:
-        model: a ``transformers`` causal LM (any module with ``config.num_hidden_layers`` works).
+        model: a ``transformers`` model of an architecture in :mod:`pipeline.architectures` (any model with
+            ``include`` patterns).
         include: regular expressions (``re.search``) over parameter names, any alias of a tied weight
             counting; a weight is selected when one matches.  Candidates are the 2-D weights of
             ``nn.Linear``, ``Conv1D`` and ``nn.Embedding`` modules.  Empty: the linear (``nn.Linear`` /
@@ -133,8 +131,12 @@ def prunable_weights(model: nn.Module, include: Iterable[str] = (), exclude: Ite
     else:
         blocks = decoder_blocks(model)
         if blocks is None:
-            raise ValueError(f"{type(model).__name__}: cannot find its decoder blocks (no nn.ModuleList of "
-                             f"config.num_hidden_layers modules); select weights with --include patterns")
+            from pipeline import architectures
+
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(f"{type(model).__name__}: cannot find its decoder blocks (architecture '{model_type}' "
+                             f"is not in pipeline/architectures.py, registered: {', '.join(architectures.names())}); "
+                             f"register it or select weights with --include patterns")
         prefix = blocks[0] + "."
         selected = {k: pw for k, pw in cands.items()
                     if k.startswith(prefix) and not isinstance(_owner(model, k), nn.Embedding)}

@@ -109,8 +109,8 @@ def choose_threads(probe: Callable[[], Any], warmup: int, repeats: int, candidat
 
     The fewest threads is the default; a larger count replaces the current choice only when it is faster (lower
     median) *and* at least as steady (``rel_spread`` no more than ``tolerance`` above).  On an oversubscribed
-    machine all cores can be slow *and* steady (seen here: 309 ms at 2 threads against 38 ms at 1, with a
-    slightly smaller spread), which a rule on the spread alone would pick.
+    machine all cores can be slow *and* steady (seen on the 2-core CI machine, figures in
+    ``results/bench/NOTES.md``, issue 20's section), which a rule on the spread alone would pick.
 
     Args:
         probe: one representative call (e.g. the dense model's forward at the reference shape).

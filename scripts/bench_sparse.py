@@ -120,7 +120,6 @@ SPARSE_VARIANTS: dict[str, dict[str, Any]] = {
     "2:4+ft+fuse+compile": {"fuse_transpose": True, "contiguous": "auto", "fuse_projections": True},
 }
 #: dense controls: the dense model with fused q/k/v and gate/up projections (the fusion alone), compiled
-DENSE_VARIANTS = ("dense+fuse", "dense+compile")
 VARIANTS = ("dense", "structured", "dense+fuse", "dense+compile", *SPARSE_VARIANTS)
 # the fused-transpose variants (+ft) are opt-in: one eager 124m prefill took 15.8 s on the H200 (NOTES, 2026-12-03)
 DEFAULT_VARIANTS = ("dense", "structured", "dense+fuse", "2:4", "2:4+attn")
@@ -645,9 +644,12 @@ def _module_labels(model) -> list:
     (``lm_head``, ``linear:<name> <out>x<in>``, ``norm``); returns the hook handles."""
     from torch import nn
 
-    from pipeline.evaluate import FusedProjectionPart
+    from pipeline.evaluate import FusedProjectionPart, FusedProjections
 
     out_emb = model.get_output_embeddings()
+    # a FusedProjections module's label is its registered name (the architecture's ``qkv_fused``, ``gate_up_fused``)
+    fused_names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, FusedProjections)}
     handles, stack = [], []
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -657,7 +659,7 @@ def _module_labels(model) -> list:
             label = f"linear:{leaf} {m.weight.shape[0]}x{m.weight.shape[1]}"
         elif isinstance(m, FusedProjectionPart):
             w = m._fused[0].weight
-            label = (f"linear:{'qkv' if leaf == 'q_proj' else 'gate_up'}_fused {w.shape[0]}x{w.shape[1]}"
+            label = (f"linear:{fused_names.get(id(m._fused[0]), 'fused')} {w.shape[0]}x{w.shape[1]}"
                      if m.index == 0 else f"linear:{leaf} (fused part)")
         elif "norm" in leaf:
             label = "norm"
@@ -1138,15 +1140,20 @@ def write_result(path: Path, args: argparse.Namespace, measured: list[str], vari
 
 
 def _fused_shapes(model) -> list[tuple[int, int]]:
-    """The weight shapes of the fused q/k/v and gate/up matmuls of a LLaMA block (for the per-shape bench)."""
-    try:
-        layer = model.model.layers[0]
-        a, m = layer.self_attn, layer.mlp
-        d = a.q_proj.weight.shape[1]
-        return [(a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0] + a.v_proj.weight.shape[0], d),
-                (m.gate_proj.weight.shape[0] + m.up_proj.weight.shape[0], d)]
-    except AttributeError:
+    """The weight shapes of the fused matmuls of the first block (LLaMA: q/k/v and gate/up; the architecture's
+    ``fusable`` groups in :mod:`pipeline.architectures`), for the per-shape bench; ``[]`` for an architecture
+    with none."""
+    from pipeline import architectures
+
+    arch = architectures.find(model)
+    if arch is None:
         return []
+    block = arch.blocks_of(model)[1][0]
+    shapes = []
+    for _, group in arch.fusable:
+        ws = [block.get_submodule(p).weight for p in group]
+        shapes.append((sum(w.shape[0] for w in ws), ws[0].shape[1]))
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> Path:

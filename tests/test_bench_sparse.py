@@ -27,6 +27,7 @@ def _load():
     return mod
 
 
+@pytest.mark.integration
 def test_tiny_on_cpu(tmp_path):
     out = tmp_path / "bench"
     proc = _run("--presets", "tiny", "--batch_sizes", "1,2", "--seq_lens", "32", "--decode_context", "16",
@@ -68,6 +69,7 @@ def test_tiny_on_cpu(tmp_path):
     assert "goal, structured 50% prefill" in proc.stdout
 
 
+@pytest.mark.integration
 def test_bad_preset_stops_before_any_work(tmp_path):
     out = tmp_path / "bench"
     r = _run("--presets", "tiny,nosuch", "--device", "cpu", "--out", str(out))
@@ -115,6 +117,7 @@ def test_speedups_wins_and_goals():
     assert s24["min_winning_speedup"] == pytest.approx(2.0 / 1.9)
 
 
+@pytest.mark.integration
 def test_static_decode_profile_and_controls_on_cpu(tmp_path):
     """The issue-18 additions on CPU: the dense+fuse control, static-cache decode rows of every decode variant
     (interleaved, eager on CPU), the profile (op categories, linear labels, text file) and the goals' bookkeeping;
@@ -161,6 +164,7 @@ def test_static_decode_profile_and_controls_on_cpu(tmp_path):
     assert "issue 18's goals" in proc.stdout
 
 
+@pytest.mark.integration
 def test_time_budget_skips_and_still_writes(tmp_path):
     out = tmp_path / "bench"
     proc = _run("--presets", "tiny", "--device", "cpu", "--time_budget", "0.000001", "--out", str(out))

@@ -13,7 +13,6 @@ import torch
 
 from pipeline.config import parse_cli
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER")
 FAST = ["--progress", "false", "--sample_tokens", "0"]
 PRE_STEPS, DIS_STEPS = 6, 3
 
@@ -63,12 +62,6 @@ def _n_params(model_dir: Path) -> int:
     from pipeline.model import count_params
 
     return count_params(AutoModelForCausalLM.from_pretrained(model_dir))
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for k in DIST_ENV:
-        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.mark.slow

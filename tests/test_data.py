@@ -178,6 +178,7 @@ def test_failed_rerun_keeps_previous_output(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "results/r").iterdir()] == ["01_data"]  # no partial folder left
 
 
+@pytest.mark.integration
 def test_script_exits_2_with_message(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "--results_dir", str(tmp_path),
                         "--data", str(tmp_path / "missing"), "--bogus", "1"], capture_output=True, text=True)

@@ -8,13 +8,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, tiny_llama
 
 from pipeline.distill import count_mask_violations, hidden_mse, kd_loss
 
@@ -159,22 +159,6 @@ def test_hidden_mse_reference_and_masking():
 # mask keeping under DeepSpeed: a worker run in a subprocess (this file run as a script)
 
 
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
-def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
-
-
 def _random_masks(model, seed: int = 0, sparsity: float = 0.5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(p.shape, generator=g) >= sparsity
@@ -193,7 +177,7 @@ def _mask_worker(configs: list[dict], out_path: str) -> None:
     rank = torch.distributed.get_rank()
     results = []
     for c in configs:
-        model = _tiny_llama()
+        model = tiny_llama().train()
         masks = _random_masks(model)
         with torch.no_grad():  # a pruned student: zero where the masks say
             for n, p in model.named_parameters():
@@ -330,11 +314,11 @@ def _teacher_worker(configs: list[dict], out_path: str) -> None:
     results = []
     for c in configs:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[c["precision"]]
-        ref = _tiny_llama(seed=7).to(dtype).eval()
+        ref = tiny_llama(seed=7).to(dtype).eval()
         x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
         with torch.no_grad():
             want = ref(input_ids=x).logits
-        teacher = prepare_teacher(_tiny_llama(seed=7), dtype, "cpu", c["zero"], micro_batch_size=2,
+        teacher = prepare_teacher(tiny_llama(seed=7), dtype, "cpu", c["zero"], micro_batch_size=2,
                                   zero3_config={"stage3_param_persistence_threshold": 0})
         got = teacher(x).logits
         teacher.measure()
@@ -356,10 +340,10 @@ def _run_worker(tmp_path: Path, mode: str, configs: list[dict], nproc: int, acce
            "OMP_NUM_THREADS": "1"}
     args = [str(Path(__file__).resolve()), mode, json.dumps(configs), str(out)]
     if nproc == 1:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmd = [PY, *args]
     else:
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *args]
+        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -414,7 +398,7 @@ def _stage_cmd(script: str, nproc: int, *args: str) -> list[str]:
     if nproc == 1:
         return [PY, str(ROOT / "scripts" / script), *args]
     return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port",
-            str(_free_port()), str(ROOT / "scripts" / script), *args]
+            str(free_port()), str(ROOT / "scripts" / script), *args]
 
 
 def _run_stage(script: str, nproc: int, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:

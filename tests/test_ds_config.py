@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 from pipeline.ds_config import (
     FP16_DYNAMIC_DEFAULTS,
@@ -43,12 +43,6 @@ def _problems(template, **kw) -> list[str]:
     with pytest.raises(DSConfigError) as ei:
         _resolve(template, **kw)
     return ei.value.problems
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_shipped_templates_are_the_documented_ones():
@@ -280,13 +274,14 @@ def _run_child(tmp_path, cases, timeout):
     script.write_text(_CHILD)
     result = tmp_path / "result.json"
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([PY, str(script), json.dumps(cases), str(result)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(result.read_text())
 
 
+@pytest.mark.integration
 def test_resolved_configs_accepted_by_deepspeed_initialize_on_cpu(tmp_path):
     cases = [[n, p] for n in ("zero1_fp16", "zero2_fp16", "zero3_fp16") for p in ("bf16", "fp32")]
     out = _run_child(tmp_path, cases, timeout=300)
@@ -345,7 +340,7 @@ def test_accelerate_launch_with_yaml_and_resolved_plugin(tmp_path):
     accelerate = str(Path(PY).parent / "accelerate")
     out = tmp_path / "out"
     proc = subprocess.run([accelerate, "launch", "--config_file", "ds_configs/accelerate/zero2.yaml",
-                           "--main_process_port", str(_free_port()), str(script), str(out)],
+                           "--main_process_port", str(free_port()), str(script), str(out)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DIST_VARS, free_port, labelled_corpus, make_encoder_stages, tiny_bert
 
 from pipeline.classify import (
     ClassificationDataset,
@@ -29,14 +29,6 @@ from pipeline.classify import (
 from pipeline.encoder import IGNORE_INDEX, add_encoder_tokens, mask_tokens, special_token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER")
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for k in DIST_ENV:
-        monkeypatch.delenv(k, raising=False)
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +161,6 @@ def test_jsonl_groups_split_and_bad_records(enc_tokenizer, tmp_path):
 # distributed evaluation
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _DIST_CHILD = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
@@ -195,12 +181,8 @@ _DIST_CHILD = textwrap.dedent("""
 
 def tiny_classifier_and_data(n: int = 7):
     """A seeded 1-layer BERT classifier (3 labels) and ``n`` labelled passages of different lengths."""
-    from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=3, pad_token_id=0)).eval()
+    model = tiny_bert(seed=0)
     rng = random.Random(0)
     passages = [Passage([rng.randrange(4, 50) for _ in range(rng.randrange(2, 13))], "abc"[i % 3], f"g{i}")
                 for i in range(n)]
@@ -212,11 +194,11 @@ def test_distributed_predict_two_ranks_equals_one_process(tmp_path):
     """7 samples on 2 ranks: DistributedSampler pads rank 1 with a repeat of sample 0; the gathered predictions
     and the report are exactly one process's."""
     out = tmp_path / "pred.json"
-    port = _free_port()
+    port = free_port()
     script = _DIST_CHILD.format(root=str(ROOT), out=str(out))
     procs = []
     for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
         env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -251,40 +233,18 @@ def test_classification_metrics_and_majority_baseline():
 # the stages end to end (one process)
 
 
-def _labelled_corpus(path: Path, n: int = 160) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        royal = i % 2 == 0
-        subj = rng.choice(["The king", "The queen"] if royal else ["A lord", "The lady"])
-        words = [f"{subj} {rng.choice(['walks into', 'speaks of', 'brings'])} "
-                 f"{rng.choice(['the castle', 'the crown', 'a letter'])}." for _ in range(6)]
-        rows.append({"text": " ".join(words), "label": "royal" if royal else "noble", "group": f"play{i % 16}"})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def test_encoder_pipeline_exports_reload_and_score_the_same(tmp_path, clean_env):
-    import importlib.util
-
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from pipeline.classify import ClassifyConfig, load_classifier, run_classify
     from pipeline.config import parse_cli
-    from pipeline.data import DataConfig, prepare
-    from pipeline.encoder import EncoderTrainConfig, MLMSpec, make_mlm_eval
+    from pipeline.encoder import MLMSpec, make_mlm_eval
     from pipeline.manifest import StageError, read_manifest
     from pipeline.tokens import BlockDataset, load_tokens
 
-    corpus = _labelled_corpus(tmp_path / "labelled.jsonl")
-    common = ["--run", "r", "--results_dir", str(tmp_path / "results"), "--preset", "encoder-tiny"]
-    prepare(parse_cli(DataConfig, [*common, "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"],
-                      "data"))
-    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    pre = mod.main(parse_cli(EncoderTrainConfig, [*common, "--max_steps", "12", "--eval_interval", "6",
-                                                  "--save_interval", "6", "--progress", "false"], "pretrain"))
+    corpus = labelled_corpus(tmp_path / "labelled.jsonl")
+    common, pre = make_encoder_stages(tmp_path / "results", corpus, "--max_steps", "12", "--eval_interval", "6",
+                                      "--save_interval", "6")
     run = tmp_path / "results" / "r"
     assert pre["outputs"]["arch"] == "BertForMaskedLM" and pre["metrics"]["val_mlm_accuracy"] is not None
     # the masked-LM export reloads with the Auto class, tied, and scores the validation split as the stage did
@@ -320,6 +280,14 @@ def test_encoder_pipeline_exports_reload_and_score_the_same(tmp_path, clean_env)
     again = classification_metrics(y, logits.argmax(-1), names, sets["train"].labels)
     assert again["accuracy"] == m["test_accuracy"] and again["report"] == m["classification_report"]
     # the decoder's stage 01 output is refused by the encoder's stage 02, naming the fix
+    import importlib.util
+
+    from pipeline.data import DataConfig, prepare
+    from pipeline.encoder import EncoderTrainConfig
+
+    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     prepare(parse_cli(DataConfig, ["--run", "dec", "--results_dir", str(tmp_path / "results"), "--preset", "tiny",
                                    "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"], "data"))
     with pytest.raises(StageError, match="TASK=classify"):
@@ -372,8 +340,6 @@ def test_logit_kd_loss_is_distilbert_s():
 
 def test_classifier_compression_stages(tmp_path, clean_env):
     """03 magnitude pruning -> 04 distillation (masks kept) -> 05 eval -> report, on a small labelled corpus."""
-    import importlib.util
-
     from pipeline.classify import ClassifyConfig, run_classify
     from pipeline.classify_compress import (
         DistillClassifierConfig,
@@ -384,20 +350,12 @@ def test_classifier_compression_stages(tmp_path, clean_env):
         prune_classifier,
     )
     from pipeline.config import parse_cli
-    from pipeline.data import DataConfig, prepare
-    from pipeline.encoder import EncoderTrainConfig
     from pipeline.report_classify import build_classify_report
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
 
-    corpus = _labelled_corpus(tmp_path / "labelled.jsonl")
-    common = ["--run", "r", "--results_dir", str(tmp_path / "results"), "--preset", "encoder-tiny"]
+    corpus = labelled_corpus(tmp_path / "labelled.jsonl")
+    common, _ = make_encoder_stages(tmp_path / "results", corpus)
     fast = ["--progress", "false", "--eval_interval", "4", "--save_interval", "4"]
-    prepare(parse_cli(DataConfig, [*common, "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"],
-                      "data"))
-    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(parse_cli(EncoderTrainConfig, [*common, "--max_steps", "4", *fast], "pretrain"))
     run_classify(parse_cli(ClassifyConfig, [*common, "--data", str(corpus), "--max_steps", "8", *fast], "classify"))
     run = tmp_path / "results" / "r"
     pm = prune_classifier(parse_cli(PruneClassifierConfig, [*common, "--method", "nm"], "prune"))

@@ -4,15 +4,13 @@ on exactly the test passages, and the report's headline is computed from the num
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
-
-from tests.test_encoder import ROOT, _labelled_corpus
+from conftest import ROOT, labelled_corpus, make_encoder_stages
 
 CLS_STEPS, DIS_STEPS = 8, 6
 
@@ -30,6 +28,8 @@ def encoder_run(tmp_path_factory):
     """A whole encoder run up to stage 04 (nm pruning) on a small labelled corpus."""
     import os
 
+    from conftest import DIST_VARS
+
     from pipeline.classify import ClassifyConfig, run_classify
     from pipeline.classify_compress import (
         DistillClassifierConfig,
@@ -38,21 +38,13 @@ def encoder_run(tmp_path_factory):
         prune_classifier,
     )
     from pipeline.config import parse_cli
-    from pipeline.data import DataConfig, prepare
-    from pipeline.encoder import EncoderTrainConfig
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER"):
+    for k in DIST_VARS:
         os.environ.pop(k, None)
     tmp = tmp_path_factory.mktemp("enc")
-    corpus = _labelled_corpus(tmp / "labelled.jsonl")
-    common = ["--run", "r", "--results_dir", str(tmp / "results"), "--preset", "encoder-tiny"]
+    corpus = labelled_corpus(tmp / "labelled.jsonl")
+    common, _ = make_encoder_stages(tmp / "results", corpus)
     fast = ["--progress", "false", "--eval_interval", "4", "--save_interval", "4"]
-    prepare(parse_cli(DataConfig, [*common, "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"],
-                      "data"))
-    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(parse_cli(EncoderTrainConfig, [*common, "--max_steps", "4", *fast], "pretrain"))
     run_classify(parse_cli(ClassifyConfig, [*common, "--data", str(corpus), "--max_steps", str(CLS_STEPS), "--lr",
                                             "2e-3", *fast], "classify"))
     prune_classifier(parse_cli(PruneClassifierConfig, [*common, "--method", "nm"], "prune"))
@@ -245,9 +237,11 @@ def test_scratch_control_two_ranks_deepspeed_keeps_the_masks(encoder_run):
     import subprocess
     import sys
 
+    from conftest import free_port
+
     from pipeline.manifest import read_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
-    from tests.test_pretrain_dist import _check, _env, free_port
+    from tests.test_pretrain_dist import _check, _env
 
     run, common = encoder_run
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", "--master_port",

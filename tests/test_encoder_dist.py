@@ -4,37 +4,23 @@ scoring the export."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, free_port, labelled_corpus, make_encoder_stages
 
-from tests.test_encoder import _labelled_corpus
-from tests.test_pretrain_dist import ROOT, _check, _env, free_port
+from tests.test_pretrain_dist import _check, _env
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture
-def encoder_run(tmp_path, monkeypatch):
-    from pipeline.config import parse_cli
-    from pipeline.data import DataConfig, prepare
-    from pipeline.encoder import EncoderTrainConfig
-
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER"):
-        monkeypatch.delenv(k, raising=False)
-    corpus = _labelled_corpus(tmp_path / "labelled.jsonl", n=161)
-    common = ["--run", "r", "--results_dir", str(tmp_path / "results"), "--preset", "encoder-tiny"]
-    prepare(parse_cli(DataConfig, [*common, "--data", str(corpus), "--val_fraction", "0.1", "--seq_len", "32"],
-                      "data"))
-    spec = importlib.util.spec_from_file_location("pe", ROOT / "scripts" / "pretrain_encoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(parse_cli(EncoderTrainConfig, [*common, "--max_steps", "4", "--eval_interval", "4", "--save_interval",
-                                            "4", "--progress", "false"], "pretrain"))
+def encoder_run(tmp_path, clean_env):
+    corpus = labelled_corpus(tmp_path / "labelled.jsonl", n=161)
+    common, _ = make_encoder_stages(tmp_path / "results", corpus)
     return tmp_path / "results", corpus, common
 
 

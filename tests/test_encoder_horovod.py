@@ -61,6 +61,7 @@ def test_horovod_backend_missing_names_the_install(tmp_path, monkeypatch):
         HorovodBackend(cfg)
 
 
+@pytest.mark.integration
 def test_script_under_horovodrun_without_backend_is_refused(tmp_path):
     env = {**_env(), "HOROVOD_RANK": "0"}
     p = subprocess.run([sys.executable, "scripts/classify.py", "--run", "r", "--results_dir", str(tmp_path),

@@ -289,6 +289,7 @@ def test_bench_summary_takes_medians_over_rounds():
     assert z2["median_ratio_to_baseline"] == pytest.approx(115.0 / 110.0)
 
 
+@pytest.mark.integration
 def test_bench_pretrain_refuses_unknown_configuration():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_pretrain.py"), "--configs", "zero9_fp16"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)

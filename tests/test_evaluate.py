@@ -231,6 +231,7 @@ def test_refuses_missing_pretrain(tmp_path):
     assert not (tmp_path / "r" / "05_eval").exists()
 
 
+@pytest.mark.integration
 def test_refuses_interrupted_prune(tmp_path):
     run = build_run(tmp_path, prune=None)
     (run / "03_prune").mkdir()  # a directory without manifest: an interrupted stage
@@ -239,6 +240,7 @@ def test_refuses_interrupted_prune(tmp_path):
     assert not (run / "05_eval").exists()
 
 
+@pytest.mark.integration
 def test_cli_prints_error_and_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--run", "nope",

@@ -91,6 +91,7 @@ def test_prompt_comes_from_the_first_validation_document(tmp_path):
     assert prompt == " ".join(text.split()[:8]) and prompt.startswith("widget")
 
 
+@pytest.mark.integration
 def test_eval_and_report_on_own_text(tmp_path):
     """Stage 05 prompts with the run's validation text, times on CPU by the interleaved protocol, and the report
     names the re-evaluation command that works, the flags, the precision differences and the small split."""
@@ -138,6 +139,7 @@ def _make_n(cwd: Path, *args: str) -> str:
     return p.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(subprocess.run(["make", "--version"], capture_output=True).returncode != 0, reason="no make")
 def test_force_reruns_only_the_named_stage_with_overwrite(tmp_path):
     controls = [f"06_controls/{c}" for c in ("dense_plus", "finetune", "scratch", "scratch_full")]
@@ -155,6 +157,7 @@ def test_force_reruns_only_the_named_stage_with_overwrite(tmp_path):
     assert [c.split()[1] for c in cmds] == ["scripts/evaluate.py", "scripts/report.py"]
 
 
+@pytest.mark.integration
 def test_missing_stage_hint_names_the_preset(tmp_path):
     with pytest.raises(StageError, match=r"`make pretrain RUN=newrun PRESET=tiny`"):
         require_stage(tmp_path / "newrun", "pretrain", "newrun", "tiny")
@@ -169,6 +172,7 @@ def test_missing_stage_hint_names_the_preset(tmp_path):
 # -- set-up: a C++ compiler is needed, said before anything runs ------------------------------
 
 
+@pytest.mark.integration
 def test_missing_compiler_is_named_before_deepspeed_builds(tmp_path, monkeypatch):
     from pipeline.preflight import BuildToolsError, check_build_tools
 
@@ -190,6 +194,7 @@ def test_missing_compiler_is_named_before_deepspeed_builds(tmp_path, monkeypatch
 # -- noise a user reads as trouble ------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_deepspeed_launcher_is_quiet_on_cpu_and_the_deprecation_is_filtered(tmp_path):
     import warnings
 

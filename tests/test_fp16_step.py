@@ -155,8 +155,7 @@ def test_two_ranks_skip_together_and_keep_partitions_in_step(tmp_path):
     import subprocess
     import textwrap
 
-    from conftest import BIN, DIST_VARS, ROOT
-    from test_pretrain_dist import free_port
+    from conftest import BIN, DIST_VARS, ROOT, free_port
 
     script = tmp_path / "two_ranks.py"
     script.write_text(textwrap.dedent(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.calibration import block_influence, calibration_blocks, channel_activations, input_sq_norms
@@ -40,14 +41,6 @@ from pipeline.sparsity import (
 from pipeline.tokens import load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_llama(kv_heads: int = 4, layers: int = 2, seed: int = 0, vocab: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def random_blocks(n: int = 8, seq: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pipeline.model import ModelConfig, build_model, count_params, flops_per_tok
 from pipeline.train import LossScaleMonitor, TrainConfig, TrainingHalted, WarmupCosine, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIPELINE_LAUNCHER")
+
 
 
 def _load_script():
@@ -30,14 +30,6 @@ def _load_script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    """The engine sets single-rank variables for plain python; keep them from leaking into other tests."""
-    for k in DIST_ENV:
-        monkeypatch.delenv(k, raising=False)
-    yield
 
 
 def run_stage(results: Path, run: str, *extra: str):

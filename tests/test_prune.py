@@ -22,13 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -67,19 +65,6 @@ def time_limit(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def tiny_llama(kv_heads: int = 4, seed: int = 0, vocab: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -474,6 +459,7 @@ def test_stage_refuses_before_writing_and_keeps_an_earlier_output(run_copy):
         script.main(PruneConfig(method="nm", **base))
 
 
+@pytest.mark.integration
 def test_cli_prints_problems_without_traceback_and_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prune.py"), "--results_dir", str(tmp_path),
                         "--run", "x", "--sparsity", "1.5", "--method", "nm", "--n", "4"],

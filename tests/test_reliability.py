@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import DIST_ENV, _fp16_template, losses_by_step, run_stage
+from test_pretrain import _fp16_template, losses_by_step, run_stage
 
 from pipeline.config import ConfigError, parse_cli
 from pipeline.manifest import StageError
 from pipeline.metrics import read_metrics
 from pipeline.train import TrainConfig, TrainingHalted
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    """The engine sets single-rank variables for plain python; keep them from leaking into other tests."""
-    for k in DIST_ENV:
-        monkeypatch.delenv(k, raising=False)
-
 
 COMMON = ["--eval_interval", "100", "--log_interval", "1", "--keep_last", "0"]
 

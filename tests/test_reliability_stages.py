@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_evaluate import build_run, load_script, tiny_eval_config
-from test_pretrain import DIST_ENV
 from test_reliability import _Payload
 
 from pipeline.config import parse_cli
 from pipeline.manifest import StageError, read_manifest, write_manifest
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    """In-process engines set single-rank variables; keep them from leaking into other tests."""
-    for k in DIST_ENV:
-        monkeypatch.delenv(k, raising=False)
 
 
 def _remake_data_manifest(run_dir: Path) -> None:

@@ -27,6 +27,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
 
 
+@pytest.mark.integration
 def test_report_from_a_full_run(tmp_path):
     run = build_run(tmp_path)
     ev = load_script("evaluate").main(tiny_eval_config(tmp_path, batch_sizes=[1], seq_lens=[16], repeats=1, max_val_tokens=1024))
@@ -61,6 +62,7 @@ def test_report_from_a_full_run(tmp_path):
     assert f"Distilled perplexity {verdict} the pruned one" in text
 
 
+@pytest.mark.integration
 def test_report_without_distill_says_so(tmp_path):
     run = build_run(tmp_path, distill=False)
     ev = load_script("evaluate").main(tiny_eval_config(tmp_path, batch_sizes=[1], seq_lens=[16], repeats=1, max_val_tokens=1024))
@@ -71,6 +73,7 @@ def test_report_without_distill_says_so(tmp_path):
     assert (run / "plots" / "loss_curves.png").exists()
 
 
+@pytest.mark.integration
 def test_report_refuses_without_eval(tmp_path):
     run = build_run(tmp_path, prune=None)
     with pytest.raises(StageError, match=r"make eval"):

@@ -45,6 +45,7 @@ def test_which_environments_need_slurm_ranks():
         dist.slurm_rank_env({k: v for k, v in step.items() if k != "SLURM_JOB_NODELIST"})
 
 
+@pytest.mark.integration
 def test_two_cpu_tasks_join_one_job():
     """Two processes with only srun's variables form one gloo group of two ranks through the stages' own path."""
     with socket.socket() as s:

@@ -4,9 +4,9 @@ DeepSpeed 0.19.8's ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) makes the hos
 step: its backward ends with a device-wide ``synchronize()`` (``independent_gradient_partition_epilogue`` with
 ``overlap_comm``), and ``step()`` reads the overflow flag (``has_overflow``: ``overflow_gpu[0].item()``) before it
 decides whether to launch the update.  Each empties the GPU's queue, so the GPU then idles while the host runs the
-optimizer step's Python and the next forward's.  On one H200 that left ZeRO-2 fp16 at 39.5-40.5 ms a step of the
-``124m`` preset against 35.3-35.9 ms for a plain PyTorch loop (bf16 autocast, fused AdamW, ``clip_grad_norm_``),
-which never waits (``results/bench/NOTES.md``, 2026-12-02).
+optimizer step's Python and the next forward's, and ZeRO-2 fp16 stayed slower a step than a plain PyTorch loop
+(bf16 autocast, fused AdamW, ``clip_grad_norm_``), which never waits (figures: ``results/bench/NOTES.md``, the
+2026-12-02 third session).
 
 :func:`install` gives the optimizer the same arithmetic and the same decisions, and only moves the moment the host
 learns of an overflow, the way PyTorch's ``torch.amp.GradScaler`` does with fused optimizers

@@ -14,8 +14,8 @@ from pipeline.compat import gate
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX tiles), as PyTorch detects it.
 
-    On CPUs without either (AVX2-only, many AVX-512 parts) PyTorch emulates bf16 GEMMs: one 2048×256×768
-    matmul measured 5× slower in bf16 than in fp32 on an AVX2 EPYC (``results/bench/NOTES.md``, 2026-12-03).
+    On CPUs without either (AVX2-only, many AVX-512 parts) PyTorch emulates bf16 GEMMs, several times slower than
+    fp32 (``results/bench/NOTES.md``, "2026-12-03, CPU: bf16 is emulated").
     Reads PyTorch's private ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (present in
     2.4-2.13); where neither exists, or on a PyTorch outside :data:`pipeline.compat.VERIFIED` (one line says so),
     returns ``True`` (the behaviour before this check: bf16).
