@@ -4,7 +4,7 @@ Every stage that makes a model writes ``metrics["budget"]`` into its manifest (:
 
 - ``steps``, ``tokens``: this stage's optimizer steps (applied or skipped) and training tokens processed
   (steps × global batch × seq_len, all ranks);
-- ``train_s``: wall seconds of this stage's training loop (:func:`pipeline.train.run_training`: engine set-up,
+- ``train_s``: wall seconds of this stage's training loop (:meth:`pipeline.train.Trainer.fit`: engine set-up,
   steps, evaluations, checkpoints, export) in the last process that ran it (a resumed run counts only the
   seconds after the resume);
 - ``device_s``: ``train_s × world_size``, GPU-seconds on CUDA and CPU-process-seconds on CPU (``device``);

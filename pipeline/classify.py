@@ -9,7 +9,7 @@ each record's ``text`` (``--text_field``) and ``label`` (``--label_field``) make
 its own group).  The split is by group (a play): no play has passages in two of train/validation/test, so a
 model cannot score by recognising a play's character names (:func:`split_by_group`).
 
-Training goes through :func:`pipeline.train.run_training` (DeepSpeed ZeRO, precision, both launchers,
+Training goes through :class:`pipeline.train.Trainer` (:func:`pipeline.train.run_training`) (DeepSpeed ZeRO, precision, both launchers,
 checkpoints and resume, Hugging Face export) with :func:`classification_loss` and a validation pass by
 :func:`predict`.  A sample is one int64 row ``[label, [CLS], ids..., [SEP], [PAD]...]`` of length
 ``seq_len + 1``, so the loop's batching and sampler work unchanged.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pipeline.config import doc
 from pipeline.encoder import EncoderModelConfig
 from pipeline.manifest import StageError
+from pipeline.stage_output import StageOutput
 from pipeline.train import TrainConfig
 
 SPLITS = ("train", "val", "test")
@@ -228,7 +229,7 @@ def unpack(batch: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def make_classification_loss(pad_id: int):
-    """The ``loss_fn`` for :func:`pipeline.train.run_training`: mean cross-entropy (fp32) of the logits against the
+    """The ``loss_fn`` for :class:`pipeline.train.Trainer`: mean cross-entropy (fp32) of the logits against the
     labels, and ``cls/accuracy`` of the batch as an extra metric."""
 
     def loss_fn(model: Any, batch: torch.Tensor):
@@ -462,7 +463,7 @@ def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import config_hash, to_dict
     from pipeline.engine import FP16HealthError
-    from pipeline.manifest import atomic_write_json, prepare_output_dir, require_stage, stage_dir
+    from pipeline.manifest import atomic_write_json, require_stage, stage_dir
     from pipeline.manifest import write_manifest as _write_manifest
     from pipeline.metrics import MetricsLogger
     from pipeline.train import TrainData, run_training
@@ -481,7 +482,7 @@ def run_classify(cfg: ClassifyConfig, backend: Any = None) -> dict | None:
         inputs["pretrain"] = pre["_dir"]
     out = stage_dir(cfg.run_dir(), "classify")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "classify")
+    StageOutput(out).check(chash, cfg.overwrite, "classify")
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     seq_len = int(data_m["outputs"]["seq_len"])
     sets, names, split = build_datasets(cfg, tokenizer, seq_len)

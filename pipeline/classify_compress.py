@@ -11,8 +11,8 @@
   described by its config and would not reload.
 - **04 distill** (:func:`distill_classifier`): the pruned student learns from the fine-tuned teacher's logits
   as DistilBERT did (Sanh et al., 2019; Hinton et al., 2015): ``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T))
-  + (1 - alpha) · CE(s, y)``, through :func:`pipeline.train.run_training` with the pruning masks kept at zero
-  (:class:`pipeline.distill.MaskKeeper`).  ``--alpha 0`` is the no-teacher control (fine-tuning only).
+  + (1 - alpha) · CE(s, y)``, through :class:`ClassifierDistiller` (the shared :class:`pipeline.train.Trainer` with the pruning masks kept at
+  zero, :class:`pipeline.train.SparseTrainer`).  ``--alpha 0`` is the no-teacher control (fine-tuning only).
 - **05 eval** (:func:`evaluate_classifiers`): test accuracy and macro-F1, parameters (all and non-zero), file
   size and forward latency of the dense classifier, the pruned one and the distilled one, on the same test
   split (the held-out plays of ``02b_classify``).
@@ -34,6 +34,8 @@ from pipeline.classify import ClassifyConfig, build_datasets, classification_met
 from pipeline.config import CommonConfig, apply_values, doc
 from pipeline.manifest import StageError, require_stage
 from pipeline.prune import PruneConfig
+from pipeline.stage_output import StageOutput
+from pipeline.train import SparseTrainer
 
 
 def classify_config_of(manifest: dict) -> ClassifyConfig:
@@ -120,7 +122,7 @@ def prune_classifier(cfg: PruneClassifierConfig) -> dict | None:
     """
     from pipeline import dist
     from pipeline.config import config_hash, legacy_config_hash, to_dict
-    from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
+    from pipeline.manifest import stage_dir, write_manifest
     from pipeline.model import count_params
     from pipeline.sparsity import apply_masks, compute_masks, save_masks, sparsity_report
 
@@ -134,7 +136,8 @@ def prune_classifier(cfg: PruneClassifierConfig) -> dict | None:
     out = stage_dir(run_dir, "prune")
     chash = config_hash(cfg)
     # before device and eval_batch_size were marked run-control, this stage's hash held them: accept that output
-    prepare_output_dir(out, chash, cfg.overwrite, "prune", also_accept=(legacy_config_hash(cfg, ("overwrite",)),))
+    output = StageOutput(out)
+    output.check(chash, cfg.overwrite, "prune", also_accept=(legacy_config_hash(cfg, ("overwrite",)),))
     if not dist.is_rank0():
         return None
     device = cfg.resolved_device()
@@ -161,25 +164,22 @@ def prune_classifier(cfg: PruneClassifierConfig) -> dict | None:
     y, logits = predict(model, sets["test"], cfg.eval_batch_size * 8, device)
     m = classification_metrics(y, logits.argmax(-1), names, sets["train"].labels)
     model.cpu()
-    if out.exists():
-        import shutil
+    with output.staging() as staged:  # a temporary folder, swapped in when all succeeded; the manifest last
+        tmp = staged.dir
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        from transformers import AutoTokenizer
 
-        (out / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "model", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "model", safe_serialization=True)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out / "model")
-    if masks:
-        save_masks(masks, out / "masks.safetensors")
-    outputs.update(n_params=count_params(model), n_params_dense=n_dense)
-    metrics = {"test_accuracy_after_prune": m["accuracy"], "test_macro_f1_after_prune": m["macro_f1"],
-               "test_accuracy_dense": cls_m["metrics"]["test_accuracy"]}
-    print(f"prune ({cfg.method}): test accuracy {cls_m['metrics']['test_accuracy']:.4f} dense -> {m['accuracy']:.4f} "
-          f"right after pruning; {outputs['n_params']:,} of {n_dense:,} parameters -> {out / 'model'}")
-    return write_manifest(out, "prune", to_dict(cfg), outputs, metrics, inputs={"classify": cls_m["_dir"]},
-                          seed=cfg.seed, wall_time_s=time.time() - t0)
+        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp / "model")
+        if masks:
+            save_masks(masks, tmp / "masks.safetensors")
+        outputs.update(n_params=count_params(model), n_params_dense=n_dense)
+        metrics = {"test_accuracy_after_prune": m["accuracy"], "test_macro_f1_after_prune": m["macro_f1"],
+                   "test_accuracy_dense": cls_m["metrics"]["test_accuracy"]}
+        print(f"prune ({cfg.method}): test accuracy {cls_m['metrics']['test_accuracy']:.4f} dense -> {m['accuracy']:.4f} "
+              f"right after pruning; {outputs['n_params']:,} of {n_dense:,} parameters -> {out / 'model'}")
+        return staged.publish(lambda d: write_manifest(d, "prune", to_dict(cfg), outputs, metrics,
+                                                       inputs={"classify": cls_m["_dir"]}, seed=cfg.seed,
+                                                       wall_time_s=time.time() - t0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +218,43 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return alpha * kl + (1.0 - alpha) * ce, kl, ce
 
 
+class ClassifierDistiller(SparseTrainer):
+    """Stage 04 of the encoder path: :class:`pipeline.train.SparseTrainer` with a frozen teacher classifier and
+    :func:`logit_kd_loss` (without a teacher, ``alpha 0``: the cross-entropy alone).
+
+    Args:
+        cfg: a :class:`DistillClassifierConfig`.
+        student: the stage-03 classifier in fp32 on CPU.
+        teacher: the dense classifier (``requires_grad`` off), or ``None`` for ``alpha 0``.
+        masks: the stage-03 masks (``{}`` for a structured student).
+        pad_id: the tokenizer's padding id (batches are packed ``input_ids`` + label, see ``classify.unpack``).
+        **kwargs: :class:`~pipeline.train.Trainer`'s ``stage``, ``out_dir``, ``tb_dir``, ``data``, ``eval_fn``.
+    """
+
+    def __init__(self, cfg: DistillClassifierConfig, student: torch.nn.Module, *, teacher: Any, masks: dict,
+                 pad_id: int, **kwargs: Any):
+        super().__init__(cfg, student, masks=masks, **kwargs)
+        self.teacher, self.pad_id = teacher, pad_id
+
+    def setup(self) -> None:  # every rank
+        if self.teacher is not None:  # on the engine's device, in its dtype, in eval mode
+            self.teacher.to(device=self.engine.device, dtype=self.engine.dtype).eval()
+        super().setup()
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from pipeline.classify import unpack
+
+        ids, mask, labels = unpack(batch, self.pad_id)
+        s = self.engine(input_ids=ids, attention_mask=mask).logits
+        if self.teacher is None:  # alpha 0: cross-entropy only, no teacher
+            ce = F.cross_entropy(s.float(), labels)
+            return ce, {"kd/ce": ce.detach()}
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, attention_mask=mask).logits
+        loss, kl, ce = logit_kd_loss(s, t, labels, self.cfg.temperature, self.cfg.alpha)
+        return loss, {"kd/kl": kl.detach(), "kd/ce": ce.detach()}
+
+
 def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | None = None, stage: str = "distill",
                        tb_name: str = "distill", extra_outputs: dict | None = None) -> dict | None:
     """Run stage 04 of the encoder path; every rank calls it.
@@ -237,11 +274,10 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
     from pipeline.classify import make_classification_eval
     from pipeline.config import config_hash, to_dict
     from pipeline.controls import arch_summary
-    from pipeline.distill import mask_hooks
     from pipeline.engine import FP16HealthError, device_type
-    from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
+    from pipeline.manifest import stage_dir, write_manifest
     from pipeline.sparsity import count_mask_violations, load_export_state_dict, load_masks
-    from pipeline.train import TrainData, run_training
+    from pipeline.train import TrainData
 
     t0 = time.time()
     run_dir = cfg.run_dir()
@@ -255,33 +291,16 @@ def distill_classifier(cfg: DistillClassifierConfig, *, out_dir: str | Path | No
         teacher.requires_grad_(False)
     out = Path(out_dir) if out_dir is not None else stage_dir(run_dir, "distill")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, stage)
+    StageOutput(out).check(chash, cfg.overwrite, stage)
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=student_dir, seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
-    pad_id = sets["train"].pad_id
-
-    def loss_fn(model: Any, batch: torch.Tensor):
-        from pipeline.classify import unpack
-
-        ids, mask, labels = unpack(batch, pad_id)
-        s = model(input_ids=ids, attention_mask=mask).logits
-        if teacher is None:  # alpha 0: cross-entropy only, no teacher
-            ce = F.cross_entropy(s.float(), labels)
-            return ce, {"kd/ce": ce.detach()}
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=mask).logits
-        loss, kl, ce = logit_kd_loss(s, t, labels, cfg.temperature, cfg.alpha)
-        return loss, {"kd/kl": kl.detach(), "kd/ce": ce.detach()}
-
-    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
-
+    trainer = ClassifierDistiller(
+        cfg, student, teacher=teacher, masks=masks, pad_id=sets["train"].pad_id, stage=stage, out_dir=out,
+        tb_dir=cfg.tb_root() / tb_name, data=data, eval_fn=make_classification_eval(names, sets["train"].labels))
     t_train = time.time()
     try:
-        r = run_training(cfg, student, stage=stage, out_dir=out, tb_dir=cfg.tb_root() / tb_name, data=data,
-                         loss_fn=loss_fn, eval_fn=make_classification_eval(names, sets["train"].labels),
-                         after_step=after_step, on_engine=on_engine,
-                         extra_modules={"teacher": teacher} if teacher is not None else None)
+        r = trainer.fit()  # every rank
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     t_train = time.time() - t_train
@@ -346,7 +365,7 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     from pipeline.config import config_hash, to_dict
     from pipeline.controls import LABELS, find_controls
     from pipeline.evaluate import time_ms
-    from pipeline.manifest import prepare_output_dir, stage_dir, write_manifest
+    from pipeline.manifest import stage_dir, write_manifest
     from pipeline.metrics import MetricsLogger
     from pipeline.model import count_params
     from pipeline.sparsity import load_masks
@@ -359,7 +378,8 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     controls = find_controls(run_dir)  # every finished control (pipeline.classify_controls), scored alike
     out = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "eval")
+    output = StageOutput(out, cfg.tb_root() / "eval")
+    output.check(chash, cfg.overwrite, "eval")
     if not dist.is_rank0():
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -402,29 +422,30 @@ def evaluate_classifiers(cfg: EvalClassifierConfig) -> dict | None:
     base = rows["dense"]["latency_ms"]
     for r in rows.values():
         r["speedup"] = {k: base[k] / v for k, v in r["latency_ms"].items()}
-    with MetricsLogger(out / "metrics.jsonl", cfg.tb_root() / "eval") as log:
-        for i, r in enumerate(rows.values()):
-            log.log(i, {"eval/accuracy": r["test_accuracy"], "eval/macro_f1": r["test_macro_f1"],
-                        "eval/params": r["n_params"], "eval/nonzero_params": r["n_nonzero_params"]})
-    outputs = {"config_hash": chash, "device": device, "threads": torch.get_num_threads() if device == "cpu" else None,
-               "seq_len": seq_len, "test_passages": len(sets["test"])}
-    bow = bag_of_words_baseline(sets["train"], sets["test"], names, cfg.seed)
-    metrics = {"models": rows, "majority_accuracy": cls_m["metrics"]["majority_accuracy"],
-               "majority_label": cls_m["metrics"]["majority_label"],
-               "majority_macro_f1": _majority_macro_f1(sets["test"].labels, names, sets["train"].labels),
-               "bag_of_words": {"test_accuracy": bow["accuracy"], "test_macro_f1": bow["macro_f1"], "n": bow["n"],
-                                "features": bow["features"], "model": bow["model"],
-                                "classification_report": bow["report"]},
-               "test_n": len(sets["test"])}
-    for name, r in rows.items():
-        print(f"eval: {name:<24} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "
-              f"params {r['n_params']:,} (non-zero {r['n_nonzero_params']:,})  latency {r['latency_ms']}")
-    print(f"eval: {'bag of words (TF-IDF+LR)':<24} accuracy {bow['accuracy']:.4f}  macro-F1 {bow['macro_f1']:.4f}  "
-          f"(majority baseline {metrics['majority_accuracy']:.4f})")
-    inputs = {"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"],
-              **{f"controls/{c}": man["_dir"] for c, man in controls}}
-    return write_manifest(out, "eval", to_dict(cfg), outputs, metrics, inputs=inputs, seed=cfg.seed,
-                          wall_time_s=time.time() - t0)
+    with output.staging() as staged:  # temporary folders, swapped in when all succeeded; the manifest last
+        with MetricsLogger(staged.dir / "metrics.jsonl", staged.tb_dir) as log:
+            for i, r in enumerate(rows.values()):
+                log.log(i, {"eval/accuracy": r["test_accuracy"], "eval/macro_f1": r["test_macro_f1"],
+                            "eval/params": r["n_params"], "eval/nonzero_params": r["n_nonzero_params"]})
+        outputs = {"config_hash": chash, "device": device, "threads": torch.get_num_threads() if device == "cpu" else None,
+                   "seq_len": seq_len, "test_passages": len(sets["test"])}
+        bow = bag_of_words_baseline(sets["train"], sets["test"], names, cfg.seed)
+        metrics = {"models": rows, "majority_accuracy": cls_m["metrics"]["majority_accuracy"],
+                   "majority_label": cls_m["metrics"]["majority_label"],
+                   "majority_macro_f1": _majority_macro_f1(sets["test"].labels, names, sets["train"].labels),
+                   "bag_of_words": {"test_accuracy": bow["accuracy"], "test_macro_f1": bow["macro_f1"], "n": bow["n"],
+                                    "features": bow["features"], "model": bow["model"],
+                                    "classification_report": bow["report"]},
+                   "test_n": len(sets["test"])}
+        for name, r in rows.items():
+            print(f"eval: {name:<24} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "
+                  f"params {r['n_params']:,} (non-zero {r['n_nonzero_params']:,})  latency {r['latency_ms']}")
+        print(f"eval: {'bag of words (TF-IDF+LR)':<24} accuracy {bow['accuracy']:.4f}  macro-F1 {bow['macro_f1']:.4f}  "
+              f"(majority baseline {metrics['majority_accuracy']:.4f})")
+        inputs = {"classify": cls_m["_dir"], "prune": prune_m["_dir"], "distill": distill_m["_dir"],
+                  **{f"controls/{c}": man["_dir"] for c, man in controls}}
+        return staged.publish(lambda d: write_manifest(d, "eval", to_dict(cfg), outputs, metrics, inputs=inputs,
+                                                       seed=cfg.seed, wall_time_s=time.time() - t0))
 
 
 def _majority_macro_f1(y_true: np.ndarray, names: list[str], train_labels: np.ndarray) -> float:

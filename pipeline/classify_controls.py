@@ -4,7 +4,7 @@ without the masked-LM pretraining, trained for real.
 The decoder's controls (:mod:`pipeline.controls`) for the classifier of ``TASK=classify``: each is a Hugging Face
 ``BertForSequenceClassification`` directory in ``results/<run>/06_controls/<name>/`` (``model/``, ``metrics.jsonl``,
 ``ds_config.resolved.json``, checkpoints, ``masks.safetensors`` for a sparse student and, last, ``manifest.json``),
-trained through the same loop (:func:`pipeline.train.run_training`), launcher, precision and DeepSpeed config as the
+trained through the same loop (:class:`pipeline.train.Trainer`), launcher, precision and DeepSpeed config as the
 stage whose recipe it copies, on the same labelled passages and split (rebuilt from ``02b_classify``'s manifest),
 and scored on the test plays by stage 05 like every other model:
 
@@ -43,7 +43,8 @@ from pipeline.controls import (
     upstream_changed,
     upstream_shas,
 )
-from pipeline.manifest import StageError, prepare_output_dir, require_stage
+from pipeline.manifest import StageError, require_stage
+from pipeline.stage_output import StageOutput
 
 #: control name -> what it is (one line, as the report shows it), in the order `make controls` trains them
 CLASSIFY_CONTROLS: dict[str, str] = {
@@ -155,12 +156,11 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
     from pipeline.checkpoint import CheckpointError
     from pipeline.classify import load_classifier, make_classification_eval, make_classification_loss
     from pipeline.classify_compress import _datasets, distill_classifier
-    from pipeline.distill import mask_hooks
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params
     from pipeline.sparsity import count_mask_violations, load_export_state_dict
-    from pipeline.train import TrainData, run_training
+    from pipeline.train import SparseTrainer, TrainData
 
     t0 = time.time()
     name = cfg.control
@@ -187,7 +187,7 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
 
     masks_path, masks = student_masks(prune_m) if name == "scratch" else (None, {})
     chash = config_hash(tc)
-    prepare_output_dir(out, chash, tc.overwrite, f"control {name}")
+    StageOutput(out).check(chash, tc.overwrite, f"control {name}")
     cls_m, data_m, dense_dir, sets, names = _datasets(run_dir, cfg.run)
     if name == "dense_plus":
         model = load_classifier(dense_dir)
@@ -202,14 +202,12 @@ def train_classifier_control(cfg: ClassifierControlConfig) -> dict | None:
     seq_len = int(data_m["outputs"]["seq_len"])
     data = TrainData(train=sets["train"], val=sets["val"], tokenizer_dir=Path(dense_dir), seq_len=seq_len,
                      data_dir=Path(data_m["_dir"]))
-    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
 
     t_train = time.time()
     try:
-        r = run_training(tc, model, stage=name, out_dir=out, tb_dir=cfg.tb_root() / "controls" / name, data=data,
-                         loss_fn=make_classification_loss(sets["train"].pad_id),
-                         eval_fn=make_classification_eval(names, sets["train"].labels),
-                         after_step=after_step, on_engine=on_engine)
+        r = SparseTrainer(tc, model, masks=masks, stage=name, out_dir=out, tb_dir=cfg.tb_root() / "controls" / name,
+                          data=data, loss_fn=make_classification_loss(sets["train"].pad_id),
+                          eval_fn=make_classification_eval(names, sets["train"].labels)).fit()  # every rank
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     t_train = time.time() - t_train

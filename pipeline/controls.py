@@ -3,7 +3,7 @@
 A compressed student is only worth its perplexity when it beats what the same compute buys otherwise.  Each
 control is a Hugging Face model directory in ``results/<run>/06_controls/<name>/`` (with ``metrics.jsonl``,
 ``ds_config.resolved.json``, checkpoints and, last, ``manifest.json``), trained through the same loop
-(:func:`pipeline.train.run_training`), launcher, precision and DeepSpeed config as the stage whose recipe it
+(:class:`pipeline.train.Trainer`), launcher, precision and DeepSpeed config as the stage whose recipe it
 copies, on the same data and validation split, and evaluated by stage 05 like every other model:
 
 - ``dense_plus`` (dense+): the dense stage-02 model trained stage 04's steps more, with stage 04's recipe (LR,
@@ -39,10 +39,10 @@ from pipeline.manifest import (
     MANIFEST,
     StageError,
     file_sha256,
-    prepare_output_dir,
     read_manifest,
     require_stage,
 )
+from pipeline.stage_output import StageOutput
 
 CONTROLS_DIR = "06_controls"
 
@@ -263,12 +263,12 @@ def train_control(cfg: ControlConfig) -> dict | None:
     """
     from pipeline.budget import budget_of, training_budget
     from pipeline.checkpoint import CheckpointError
-    from pipeline.distill import distill, mask_hooks
+    from pipeline.distill import distill
     from pipeline.engine import FP16HealthError, device_type
     from pipeline.manifest import write_manifest
     from pipeline.model import count_params, load_model
     from pipeline.sparsity import count_mask_violations, load_export_state_dict
-    from pipeline.train import TrainData, run_training
+    from pipeline.train import SparseTrainer, TrainData
 
     t0 = time.time()
     name = cfg.control
@@ -290,7 +290,7 @@ def train_control(cfg: ControlConfig) -> dict | None:
 
     masks_path, masks = student_masks(mans["prune"]) if name != "dense_plus" else (None, {})
     chash = config_hash(tc)
-    prepare_output_dir(out, chash, tc.overwrite, f"control {name}")
+    StageOutput(out).check(chash, tc.overwrite, f"control {name}")
     data = TrainData.from_manifest(mans["data"])
     if name == "dense_plus":
         model = load_model(tc.init_from, vocab_size=int(mans["data"]["outputs"]["vocab_size"]))
@@ -300,12 +300,11 @@ def train_control(cfg: ControlConfig) -> dict | None:
         except ValueError as e:
             raise StageError(f"the stage-03 masks do not fit the student's architecture ({e}); "
                              f"re-run `make prune RUN={cfg.run}`") from None
-    on_engine, after_step = mask_hooks(masks)  # every rank runs both hooks
 
     t_train = time.time()
     try:
-        r = run_training(tc, model, stage=name, out_dir=out, tb_dir=cfg.tb_root() / "controls" / name, data=data,
-                         after_step=after_step, on_engine=on_engine)
+        r = SparseTrainer(tc, model, masks=masks, stage=name, out_dir=out, tb_dir=cfg.tb_root() / "controls" / name,
+                          data=data).fit()  # every rank
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     t_train = time.time() - t_train

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import Literal
 import numpy as np
 
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
-from pipeline.manifest import StageError, dir_sha256, prepare_output_dir, stage_dir, write_manifest
+from pipeline.manifest import StageError, dir_sha256, stage_dir, write_manifest
+from pipeline.stage_output import StageOutput
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -353,7 +352,8 @@ def prepare(cfg: DataConfig) -> dict:
     out = stage_dir(cfg.run_dir(), "data")
     # the default task leaves the hash as it was before the field existed (earlier runs stay valid)
     chash = config_hash(cfg, also_ignore=("task",) if cfg.task == "lm" else ())
-    prepare_output_dir(out, chash, cfg.overwrite, "data")
+    output = StageOutput(out)
+    output.check(chash, cfg.overwrite, "data")
     docs, names = read_corpus(cfg)
     train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, cfg.seed)
     train_docs = [docs[i] for i in train_idx]
@@ -379,11 +379,8 @@ def prepare(cfg: DataConfig) -> dict:
     vocab = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with output.staging() as staged:  # a temporary folder beside the output, swapped in when all succeeded
+        tmp = staged.dir
         tokenizer.save_pretrained(tmp / "tokenizer")
         train_shards = write_shards(train_ids, tmp, "train", dtype, cfg.shard_tokens)
         val_shards = write_shards(val_ids, tmp, "val", dtype, cfg.shard_tokens)
@@ -423,15 +420,6 @@ def prepare(cfg: DataConfig) -> dict:
             outputs["val_warning"] = warning
             print(f"warning: {warning}", flush=True)
         # replace the old output only now that the new one is whole; the manifest goes in last
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            (out / "manifest.json").unlink(missing_ok=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return write_manifest(out, "data", to_dict(cfg), outputs, metrics, seed=cfg.seed, wall_time_s=time.time() - t0)
+        return staged.publish(lambda d: write_manifest(d, "data", to_dict(cfg), outputs, metrics, seed=cfg.seed,
+                                                       wall_time_s=time.time() - t0))
+

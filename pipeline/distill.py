@@ -1,12 +1,12 @@
 """Stage 04, knowledge distillation: the KD loss, the frozen teacher, and keeping pruned weights at zero.
 
-Three independent parts, used by ``scripts/distill.py`` through the shared training loop
-(:func:`pipeline.train.run_training`):
+:class:`Distiller`, the shared training loop (:class:`pipeline.train.Trainer`) with a teacher, the KD loss and
+the masks kept, used by ``scripts/distill.py`` and the ``finetune`` control, is built from three parts:
 
 - :func:`kd_loss` (and :func:`hidden_mse`): the distillation objective of Hinton et al. (2015),
   ``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE(s, labels)``, in fp32 from
   fp16/bf16 logits, ignoring masked/padded positions.
-- :class:`MaskKeeper`: after every optimizer step, re-zeroes the pruned weights in DeepSpeed's fp32
+- :class:`MaskKeeper` (through :class:`pipeline.train.SparseTrainer`): after every optimizer step, re-zeroes the pruned weights in DeepSpeed's fp32
   master weights, in Adam's ``exp_avg``/``exp_avg_sq``, and in the module's (low-precision) weights,
   for ZeRO stages 0-3, through the fragments that ``deepspeed.utils.safe_*`` read and write (it lives in
   :mod:`pipeline.compat.zero_masks`: it reaches into DeepSpeed's optimizer state).
@@ -30,37 +30,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline import dist
-from pipeline.compat.zero_masks import (  # MaskKeeper re-exported (controls, encoder path)
-    MaskKeeper,
+from pipeline.compat.zero_masks import (  # MaskKeeper re-exported (tests)
+    MaskKeeper,  # noqa: F401
     param_bytes,
 )
 from pipeline.config import config_hash, doc, legacy_config_hash, to_dict
-from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
+from pipeline.manifest import StageError, require_stage, stage_dir, write_manifest
 from pipeline.model import ModelConfig  # noqa: F401 - pipeline.config resolves inherited hints in this module
 from pipeline.sparsity import count_mask_violations, load_export_state_dict  # noqa: F401 (re-exported)
-from pipeline.train import TrainConfig
-
-
-def mask_hooks(masks: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-    """``(on_engine, after_step)`` hooks for :func:`pipeline.train.run_training` that keep ``masks``' zeros.
-
-    ``on_engine`` builds a :class:`MaskKeeper` on the engine and zeroes the pruned weights once; ``after_step``
-    re-zeroes them after every optimizer step.  With empty ``masks`` both do nothing.  Every rank must run both
-    (MaskKeeper writes each rank's own partition of the fp32 master weights).
-    """
-    keeper: list[MaskKeeper] = []
-
-    def on_engine(engine: Any) -> None:  # every rank
-        if masks:
-            keeper.append(MaskKeeper(engine, masks))
-            keeper[0].apply(engine)
-
-    def after_step(engine: Any) -> None:  # every rank
-        if keeper:
-            keeper[0].apply(engine)
-
-    return on_engine, after_step
-
+from pipeline.stage_output import StageOutput
+from pipeline.train import SparseTrainer, TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # the KD loss
@@ -354,30 +333,84 @@ class DistillConfig(TrainConfig):
         return p
 
 
-def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
-    """The training loop's ``loss_fn(engine, batch) -> (loss, metrics)`` for distillation.
+class Distiller(SparseTrainer):
+    """Stage 04's :class:`~pipeline.train.Trainer`: knowledge distillation of a frozen teacher into a (pruned)
+    student whose masks stay at zero (after torchtune's KD recipe, ``knowledge_distillation_single_device``).
 
-    ``batch`` is ``(B, T + 1)`` token ids: inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``. ``teacher`` is a
-    :class:`Teacher` or a zero-argument callable returning one (it is built once the engine exists). The metrics
-    are ``kd/loss``, ``kd/kl`` (without T²), ``kd/ce`` and, with ``hidden_mse_weight > 0``, ``kd/hidden_mse``.
-    With ``alpha 0`` and no hidden-state term the loss is the cross-entropy alone and the teacher is not run
-    (``kd/kl`` is then not logged).
-    Every rank must call it for every micro-batch (under ZeRO-3 the teacher's forward is collective).
+    Over :class:`~pipeline.train.SparseTrainer` it changes three phases:
+
+    - :meth:`setup`: the teacher (:func:`prepare_teacher`: the run's dtype on the student's device, under ZeRO-3
+      partitioned like the student) and, on a fresh start, the reference figures logged at step 0 (teacher and
+      student validation loss and perplexity right after pruning);
+    - :meth:`loss`: :func:`kd_loss` (plus :func:`hidden_mse` with ``hidden_mse_weight > 0``); with ``alpha 0``
+      and no hidden-state term the cross-entropy alone, the teacher not run;
+    - :meth:`checkpoint_state` / :meth:`restore_state`: the reference figures travel with each checkpoint.
+
+    Args:
+        cfg: a :class:`DistillConfig`.
+        student: the stage-03 model in fp32 on CPU.
+        teacher_dir: the stage-02 model directory (or a built model).
+        masks: the stage-03 masks (``{}`` for a structured student).
+        pruned_val_ppl: stage 03's fp32 validation perplexity of the student (named in the step-0 message).
+        **kwargs: :class:`~pipeline.train.Trainer`'s ``stage``, ``out_dir``, ``tb_dir``, ``data``.
     """
-    get_teacher = teacher if callable(teacher) and not isinstance(teacher, Teacher) else (lambda: teacher)
-    hidden = cfg.hidden_mse_weight > 0
-    chunk = cfg.kd_chunk_size or None
 
-    def loss_fn(engine: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __init__(self, cfg: DistillConfig, student: torch.nn.Module, *, teacher_dir: str | Path | Any,
+                 masks: dict[str, torch.Tensor], pruned_val_ppl: float | None = None, **kwargs: Any):
+        super().__init__(cfg, student, masks=masks, **kwargs)
+        self.teacher_dir = teacher_dir
+        self.pruned_val_ppl = pruned_val_ppl
+        self.teacher: Teacher | None = None
+        self.ref: dict[str, float] = {}
+
+    def setup(self) -> None:  # every rank
+        engine, cfg = self.engine, self.cfg
+        extra = {k: v for k, v in engine.config.get("zero_optimization", {}).items() if k in _TEACHER_ZERO3_KEYS}
+        self.teacher = prepare_teacher(self.teacher_dir, engine.dtype, engine.device, engine.zero_stage,
+                                       cfg.micro_batch_size, zero3_config=extra)
+        super().setup()  # the masks
+        if self.resume_path is not None:
+            return  # the reference figures come back from the checkpoint (restore_state)
+        from pipeline.train import evaluate
+
+        eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+        world, rank, val = self.world, self.rank, self.data.val
+        t_loss, t_ppl, _ = evaluate(self.teacher.module, val, eval_bs, engine.device, world, rank)  # every rank
+        self.teacher.measure()
+        s_loss, s_ppl, _ = evaluate(engine.ds, val, eval_bs, engine.device, world, rank)  # every rank
+        self.ref = {"teacher_val_loss": t_loss, "teacher_val_ppl": t_ppl,
+                    "student_val_loss_before": s_loss, "student_val_ppl_before": s_ppl}
+        from pipeline.metrics import MetricsLogger
+
+        with MetricsLogger(self.out_dir / "metrics.jsonl", self.tb_dir) as log:  # rank 0 writes
+            log.log(0, {"kd/teacher_val_loss": t_loss, "kd/teacher_val_ppl": t_ppl, "val/loss": s_loss,
+                        "val/ppl": s_ppl})
+        if dist.is_rank0():
+            prec = str(engine.dtype).replace("torch.", "")
+            pruned_fp32 = self.pruned_val_ppl
+            same = (f"; stage 03 measured {pruned_fp32:.2f} in float32: a difference is the {prec} evaluation"
+                    if pruned_fp32 is not None and prec != "float32" else "")
+            print(f"[{self.stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f} (in "
+                  f"{prec}, as training evaluates{same})", flush=True)
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The KD loss of one micro-batch ``(B, T + 1)`` of token ids (inputs ``batch[:, :-1]``, targets
+        ``batch[:, 1:]``) and its terms to log: ``kd/loss``, ``kd/kl`` (without T²), ``kd/ce`` and, with
+        ``hidden_mse_weight > 0``, ``kd/hidden_mse``.  With ``alpha 0`` and no hidden-state term the loss is the
+        cross-entropy alone and the teacher is not run (``kd/kl`` is then not logged).  Every rank calls it for
+        every micro-batch (under ZeRO-3 the teacher's forward is collective)."""
+        cfg, engine = self.cfg, self.engine
+        hidden = cfg.hidden_mse_weight > 0
         x, y = batch[:, :-1], batch[:, 1:]
         if cfg.alpha == 0.0 and not hidden:  # cross-entropy only: the teacher's logits would be weighted 0
             from pipeline.train import token_cross_entropy
 
             ce = token_cross_entropy(engine(input_ids=x, use_cache=False).logits, y)
             return ce, {"kd/ce": ce.detach(), "kd/loss": ce.detach()}
-        t_out = get_teacher()(x, use_cache=False, output_hidden_states=hidden)
+        t_out = self.teacher(x, use_cache=False, output_hidden_states=hidden)
         s_out = engine(input_ids=x, use_cache=False, output_hidden_states=hidden)
-        loss, kl, ce = kd_loss(s_out.logits, t_out.logits, y, cfg.temperature, cfg.alpha, chunk_size=chunk)
+        loss, kl, ce = kd_loss(s_out.logits, t_out.logits, y, cfg.temperature, cfg.alpha,
+                               chunk_size=cfg.kd_chunk_size or None)
         metrics = {"kd/kl": kl, "kd/ce": ce}
         if hidden:
             h = hidden_mse(s_out.hidden_states[1:], t_out.hidden_states[1:], y != -100)
@@ -386,7 +419,12 @@ def make_kd_loss_fn(teacher: Teacher | Any, cfg: DistillConfig):
         metrics["kd/loss"] = loss.detach()
         return loss, metrics
 
-    return loss_fn
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "distill_ref": self.ref}
+
+    def restore_state(self, client: dict) -> None:
+        super().restore_state(client)
+        self.ref = dict(client.get("distill_ref", {}))
 
 
 #: what this stage's config hash left out before the run-control fields were marked on the dataclass (it lacked
@@ -421,10 +459,9 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         StageError: a missing upstream stage, teacher and student that do not fit together, masks that do
             not fit the student, or an export whose pruned weights are not all zero (no manifest is written).
     """
-    from pipeline import checkpoint as ckpt
     from pipeline.budget import budget_of, training_budget
     from pipeline.engine import device_type
-    from pipeline.train import TrainData, evaluate, run_training
+    from pipeline.train import TrainData
 
     t0 = time.time()
     run_dir = cfg.run_dir()
@@ -490,7 +527,7 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
                              f"pruned; re-run `make prune RUN={cfg.run}`")
     chash = config_hash(cfg)
     same_run = (chash, legacy_config_hash(cfg, _LEGACY_HASH_IGNORE))
-    prepare_output_dir(out_dir, chash, cfg.overwrite, stage, also_accept=same_run[1:])
+    StageOutput(out_dir).check(chash, cfg.overwrite, stage, also_accept=same_run[1:])
     data = TrainData.from_manifest(data_m)
     if cfg.overwrite and (out_dir / "manifest.json").exists():
         from pipeline.manifest import read_manifest
@@ -498,61 +535,20 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
         if read_manifest(out_dir).get("outputs", {}).get("config_hash") not in same_run:
             # replacing another configuration's output: its checkpoints are not this run's to resume
             cfg = dataclasses.replace(cfg, resume="none")
-    from pipeline.engine import init_distributed
-
-    init_distributed()  # every rank (run_training's call then finds the group made)
-    # as run_training will decide: the newest checkpoint whose files verify
-    resuming = ckpt.find_verified_resume(out_dir / "checkpoints", cfg.resume) is not None
     tb_dir = cfg.tb_root() / tb_name
-
-    # -- state built once the engine exists ----------------------------------------------------
-    state: dict[str, Any] = {"teacher": None, "ref": {}}
-    keep_masks, after_step = mask_hooks(masks)  # every rank runs both
-
-    def on_engine(engine: Any) -> None:  # every rank
-        extra = {k: v for k, v in engine.config.get("zero_optimization", {}).items() if k in _TEACHER_ZERO3_KEYS}
-        teacher = prepare_teacher(teacher_dir, engine.dtype, engine.device, engine.zero_stage,
-                                  cfg.micro_batch_size, zero3_config=extra)
-        state["teacher"] = teacher
-        keep_masks(engine)
-        if resuming:
-            return  # the reference figures come back from the checkpoint (restore_hook)
-        eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
-        world, rank = dist.world_size(), dist.rank()
-        t_loss, t_ppl, _ = evaluate(teacher.module, data.val, eval_bs, engine.device, world, rank)  # every rank
-        teacher.measure()
-        s_loss, s_ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
-        state["ref"] = {"teacher_val_loss": t_loss, "teacher_val_ppl": t_ppl,
-                        "student_val_loss_before": s_loss, "student_val_ppl_before": s_ppl}
-        from pipeline.metrics import MetricsLogger
-
-        with MetricsLogger(out_dir / "metrics.jsonl", tb_dir) as log:  # rank 0 writes
-            log.log(0, {"kd/teacher_val_loss": t_loss, "kd/teacher_val_ppl": t_ppl, "val/loss": s_loss,
-                        "val/ppl": s_ppl})
-        if dist.is_rank0():
-            prec = str(engine.dtype).replace("torch.", "")
-            pruned_fp32 = prune_m.get("metrics", {}).get("val_ppl")
-            same = (f"; stage 03 measured {pruned_fp32:.2f} in float32: a difference is the {prec} evaluation"
-                    if pruned_fp32 is not None and prec != "float32" else "")
-            print(f"[{stage}] teacher val/ppl {t_ppl:.2f}; student right after pruning val/ppl {s_ppl:.2f} (in "
-                  f"{prec}, as training evaluates{same})", flush=True)
-
-    def restore(client: dict) -> None:
-        state["ref"] = dict(client.get("distill_ref", {}))
-
     from pipeline.checkpoint import CheckpointError
     from pipeline.engine import FP16HealthError
 
+    trainer = Distiller(cfg, student, teacher_dir=teacher_dir, masks=masks,
+                        pruned_val_ppl=prune_m.get("metrics", {}).get("val_ppl"),
+                        stage=stage, out_dir=out_dir, tb_dir=tb_dir, data=data)
     t_train = time.time()
     try:
-        result = run_training(
-            cfg, student, stage=stage, out_dir=out_dir, tb_dir=tb_dir, data=data,
-            loss_fn=make_kd_loss_fn(lambda: state["teacher"], cfg), after_step=after_step, on_engine=on_engine,
-            client_state_hook=lambda: {"distill_ref": state["ref"]}, restore_hook=restore)
+        result = trainer.fit()
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     t_train = time.time() - t_train
-    teacher = state["teacher"]
+    teacher = trainer.teacher
     teacher.measure()  # after training: under ZeRO-3 the persistent small parameters are gathered by now
 
     if not dist.is_rank0():
@@ -575,7 +571,7 @@ def distill(cfg: DistillConfig, *, out_dir: str | Path | None = None, stage: str
                        export_zero_fraction=zeros / total, sparsity_checked=True)
     outputs.update(teacher_partitioned=teacher.engine is not None, teacher_param_bytes_full=teacher.param_bytes_full,
                    teacher_param_bytes_per_rank=teacher.param_bytes_per_rank)
-    metrics = {"val_loss": result.val_loss, "val_ppl": result.val_ppl, **state["ref"], "steps": result.steps,
+    metrics = {"val_loss": result.val_loss, "val_ppl": result.val_ppl, **trainer.ref, "steps": result.steps,
                "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps,
                "loss_scale": result.loss_scale, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
                "precision": result.precision, "precision_note": result.precision_note, "zero_stage": result.zero_stage,

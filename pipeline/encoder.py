@@ -155,7 +155,7 @@ class MLMSpec:
 
 
 def make_mlm_loss(spec: MLMSpec):
-    """The stage-02 ``loss_fn`` for :func:`pipeline.train.run_training`: mean masked-LM cross-entropy (nats per
+    """The stage-02 ``loss_fn`` for :class:`pipeline.train.Trainer`: mean masked-LM cross-entropy (nats per
     predicted token) of a batch of stage-01 blocks, masked afresh with the device's generator, plus
     ``mlm/accuracy`` (share of predicted tokens whose argmax is right) as an extra metric."""
 

@@ -85,3 +85,26 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the rows of a ``metrics.jsonl`` logged after ``step`` (a resume replays them); returns rows dropped.
+    Rank 0 only.  A row that is not JSON (a line cut by a kill) is dropped too."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in p.read_text().splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(f"{x}\n" for x in keep))
+        tmp.replace(p)
+    return dropped

@@ -17,7 +17,7 @@ the same data may beat it.  The figures, all from numbers the training loop alre
   ``rise_tol`` nats.
 
 :func:`data_regime` computes them from plain numbers (hand-checkable); :class:`RegimeTracker` follows a run
-through :func:`pipeline.train.run_training` and gives the TensorBoard scalars ``regime/*`` at every evaluation.
+through :class:`pipeline.train.Trainer` and gives the TensorBoard scalars ``regime/*`` at every evaluation.
 """
 
 from __future__ import annotations

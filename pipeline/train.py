@@ -1,11 +1,14 @@
-"""The training loop shared by stage 02 (pretraining) and stage 04 (distillation).
+"""The training loop shared by every stage that trains: stage 02 (pretraining), 02b (classification), stage 04
+(distillation) and the compression controls.
 
-:func:`run_training` takes a built model and a stage's :class:`TrainConfig` and does the rest:
-resolve precision and the DeepSpeed config, wrap the model (:mod:`pipeline.engine`), resume, train with
-gradient accumulation, warmup + cosine LR, global-norm clipping and fp16 loss scaling, evaluate on the
-whole validation split, sample text, checkpoint (:mod:`pipeline.checkpoint`), and export a Hugging Face
-model.  A stage changes the objective with ``loss_fn(model, batch) -> (loss, extra_metrics)`` and acts
-after every optimizer step with ``after_step(engine)``.
+:class:`Trainer` takes a built model and a stage's :class:`TrainConfig` and runs named phases (:meth:`Trainer.fit`):
+plan (precision, the DeepSpeed config, the checkpoint to resume, every check before a file is written), prepare the
+run dir, build the engine (:mod:`pipeline.engine`), the subclass's setup, resume, then per optimizer step the train
+step (gradient accumulation, warmup + cosine LR, global-norm clipping, fp16 loss scaling), the after-step hook, the
+log step, evaluation on the whole validation split with a text sample, the checkpoint (:mod:`pipeline.checkpoint`)
+and the halt of resume drills; last the Hugging Face export.  A stage changes the objective by overriding
+:meth:`Trainer.loss` (or passing ``loss_fn``); :class:`SparseTrainer` keeps pruning masks at zero after every step;
+:class:`pipeline.distill.Distiller` adds the teacher.  :func:`run_training` is ``Trainer(...).fit()``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline import dist
-from pipeline.cli import TrainingHalted  # noqa: F401  (re-exported: raised by run_training)
+from pipeline.cli import TrainingHalted  # noqa: F401  (re-exported: raised by Trainer.fit)
 from pipeline.config import CommonConfig, config_hash, doc, to_dict
 from pipeline.engine import Engine, FP16HealthError, build_engine, eval_mode, fp16_advice, init_distributed
 from pipeline.health import set_aside_unhealthy
 from pipeline.manifest import read_manifest
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import MetricsLogger, truncate_metrics  # noqa: F401  (truncate_metrics re-exported)
 from pipeline.model import ModelConfig, count_params, flops_per_token, mfu, peak_tflops_for
 from pipeline.regime import RegimeTracker
 from pipeline.sampler import GlobalBatchSampler, eval_shard
@@ -317,29 +320,6 @@ def resume_step_of(path: str | Path) -> int:
     return int(found.group(1)) if found else 0
 
 
-def truncate_metrics(path: str | Path, step: int) -> int:
-    """Drop the rows of a ``metrics.jsonl`` logged after ``step`` (a resume replays them); returns rows dropped.
-    Rank 0 only.  A row that is not JSON (a line cut by a kill) is dropped too."""
-    p = Path(path)
-    if not p.is_file():
-        return 0
-    keep, dropped = [], 0
-    for line in p.read_text().splitlines():
-        try:
-            ok = int(json.loads(line)["step"]) <= step
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if ok:
-            keep.append(line)
-        elif line.strip():
-            dropped += 1
-    if dropped:
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("".join(f"{x}\n" for x in keep))
-        tmp.replace(p)
-    return dropped
-
-
 def _logged(path: Path, step: int, name: str) -> bool:
     from pipeline.metrics import read_metrics
 
@@ -510,311 +490,449 @@ def _log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
-def run_training(
-    cfg: TrainConfig,
-    model: torch.nn.Module,
-    *,
-    stage: str,
-    out_dir: str | Path,
-    tb_dir: str | Path | None,
-    data: TrainData,
-    loss_fn: LossFn | None = None,
-    after_step: Callable[[Engine], None] | None = None,
-    extra_modules: dict[str, torch.nn.Module] | None = None,
-    client_state_hook: Callable[[], dict] | None = None,
-    restore_hook: Callable[[dict], None] | None = None,
-    on_engine: Callable[[Engine], None] | None = None,
-    eval_fn: Callable[..., tuple[float, dict[str, float]]] | None = None,
-) -> TrainResult:
-    """Train ``model`` with DeepSpeed as ``cfg`` says, then export it to ``out_dir/model``.
+class Trainer:
+    """The training loop of every stage that trains, as named phases (after torchtitan's ``Trainer``).
 
-    Every rank must call this with the same arguments (the model identically initialised on each).
+    Every rank builds one with the same arguments and calls :meth:`fit`; whatever the launcher (python,
+    ``deepspeed``, ``accelerate launch``), the same loop runs.  The phases, in the order :meth:`fit` runs them:
+
+    - :meth:`plan`: launcher, precision, the resolved DeepSpeed config, the sampler, which checkpoint to resume
+      and the checks that refuse it, before anything is written;
+    - :meth:`prepare_run_dir`: the stage folder as a fresh start or a resume needs it (rank 0);
+    - :meth:`build_engine`, then :meth:`setup` (a subclass's own set-up: masks, a teacher);
+    - :meth:`resume`: the checkpoint's weights, optimizer, sampler and :meth:`restore_state`;
+    - per optimizer step: :meth:`train_step` (micro-batches of :meth:`loss`, backward, step), :meth:`after_step`,
+      :meth:`log_step`, :meth:`evaluate`, :meth:`save` (with :meth:`checkpoint_state`), :meth:`halt`;
+    - :meth:`export`: the Hugging Face model in ``out_dir/model``.
+
+    A stage changes the objective by overriding :meth:`loss` (or passing ``loss_fn``) and the validation by passing
+    ``eval_fn``; :class:`SparseTrainer` keeps pruning masks, :class:`pipeline.distill.Distiller` adds a teacher.
 
     Args:
         cfg: a :class:`TrainConfig` (or a subclass: stage 04).
-        model: a ``transformers`` causal LM in fp32 on CPU.
-        stage: the stage name (``pretrain``, ``distill``), used in messages.
+        model: a ``transformers`` model in fp32 on CPU, identically initialised on every rank.
+        stage: the stage name (``pretrain``, ``distill``, a control's name), used in messages.
         out_dir: the stage directory; gets ``ds_config.resolved.json``, ``metrics.jsonl``, ``checkpoints/`` and
-            ``model/`` (the export, with the stage-01 tokenizer beside it).
+            ``model/`` (the export, with the tokenizer of ``data.tokenizer_dir`` beside it).
         tb_dir: TensorBoard folder (``results/<run>/tb/<stage>``) or ``None``.
         data: train/val blocks and tokenizer (:meth:`TrainData.from_manifest`).
         loss_fn: ``(model, batch) -> (loss, extra_metrics)``; default :func:`causal_lm_loss`.  ``model`` is the
             engine (callable like the model); ``batch`` an int64 ``(B, T+1)`` tensor on the device; the extra
             metrics (names such as ``kd/kl``, floats or 0-d tensors) are averaged over the accumulation window
             and the ranks and logged with the training metrics.
-        after_step: called with the :class:`~pipeline.engine.Engine` after every optimizer step, applied or
-            skipped (stage 04 re-applies pruning masks there).  A skipped step changed no weight, so the hook must
-            be harmless to repeat, as re-applying masks is: whether a step was applied is known only at the next
-            backward (the deferred fp16 overflow check).  Every rank calls it.
-        extra_modules: further modules (a teacher) moved to the engine's device and dtype, in eval mode.
-        client_state_hook: returns more items for each checkpoint's client state.
-        restore_hook: receives the client state when resuming.
-        on_engine: called once with the engine right after it is built (and before resuming).
         eval_fn: replaces the causal-LM validation: ``(model, val, batch_size, device, world, rank) -> (val_loss,
             extra)`` with ``model`` the DeepSpeed engine; ``extra`` (name -> float, e.g. ``val/mlm_accuracy``) is
             logged beside ``val/loss`` and kept in ``TrainResult.val_metrics``.  Every rank calls it.
-
-    Raises:
-        DSConfigError: a bad DeepSpeed template or batch arithmetic (before anything is written).
-        ValueError: too little data for one global batch.
-        CheckpointError: a checkpoint that cannot be resumed (e.g. another world size).
-        FP16HealthError: the fp16 loss scale hit its minimum, or too many steps overflowed.
-        TrainingHalted: after the checkpoint of ``cfg.halt_after_step``.
     """
-    from pipeline.ds_config import adapt_to_device, resolve_precision, template_from_env, write_resolved
 
-    t_start = time.time()
-    loss_fn = loss_fn or causal_lm_loss
-    out_dir = Path(out_dir)
-    launcher = init_distributed()  # every rank
-    world, rank = dist.world_size(), dist.rank()
-    from pipeline.engine import device_type
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, *, stage: str, out_dir: str | Path,
+                 tb_dir: str | Path | None, data: TrainData, loss_fn: LossFn | None = None,
+                 eval_fn: Callable[..., tuple[float, dict[str, float]]] | None = None):
+        self.cfg, self.model, self.stage, self.data = cfg, model, stage, data
+        self.out_dir = Path(out_dir)
+        self.tb_dir = tb_dir
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.loss_fn = loss_fn or causal_lm_loss
+        self.eval_fn = eval_fn
+        self.engine: Engine | None = None
+        self.step, self.tokens_seen = 0, 0
+        self.lr_changed_from: float | None = None
+        self.val_metrics: dict[str, float] = {}
+        self.history: dict[str, list] = {"step": [], "loss": [], "loss_scale": [], "skipped": []}
+        self.bar = None
 
-    dev_type = device_type()
-    precision, note = resolve_precision(cfg.precision, dev_type)
-    # under `accelerate launch`, the template its yaml names (deepspeed_config_file) is the one chosen
-    template = template_from_env(cfg.ds_config) if launcher == "accelerate" else cfg.ds_config
-    # the resolved file shows what DeepSpeed gets: adapted to the device (torch AdamW and no DeepCompile off CUDA)
-    resolved = adapt_to_device(resolve_run_ds_config(cfg, template, world, precision), dev_type)
-    sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed,
-                                 world_source=dist.world_size_source(launcher))
-    if len(data.val) < 1:
-        raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a larger "
-                         f"--val_fraction")
-    ckpt_dir = out_dir / "checkpoints"
-    resume_path = ckpt.find_verified_resume(ckpt_dir, cfg.resume)  # every rank; files checked against their hashes
-    # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
-    chash = config_hash(cfg, also_ignore=RESUMABLE_CHANGES)
-    chash = hashlib.sha256(f"{chash}:{data_identity(data.data_dir)}".encode()).hexdigest()[:16]
-    if resume_path is not None and cfg.resume == "auto":
-        saved = ckpt.marker(resume_path).get("config_hash")
-        if saved not in (None, chash):
-            if not cfg.overwrite:
-                raise ckpt.CheckpointError(
-                    f"{resume_path} was saved by a run with another configuration or other stage-01 data "
-                    f"({saved}; this run {chash}): pass --overwrite to start afresh (its checkpoints are deleted), "
-                    f"or run with the configuration it was made with")
-            _log(f"--overwrite: not resuming {resume_path} (another configuration); starting afresh")
-            resume_path = None
-    if resume_path is not None:
-        ckpt.check_world_size(resume_path, world, resolved)  # refuse before anything is written
+    # -- phases before the loop -------------------------------------------------------------------
 
-    # -- from here on files are written ------------------------------------------------------------
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.json").unlink(missing_ok=True)  # the stage is incomplete until it is written again
-        if resume_path is None:  # a fresh start: old logs and checkpoints of this stage dir go
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            if tb_dir is not None:
-                shutil.rmtree(tb_dir, ignore_errors=True)
-        else:  # rows past the resumed step are replayed: drop them (TensorBoard: purge_step below)
-            truncate_metrics(out_dir / "metrics.jsonl", resume_step_of(resume_path))
-    resolved_path = write_resolved(resolved, out_dir) if rank == 0 else out_dir / "ds_config.resolved.json"
-    if note:
-        _log(note)
-    _log(f"{stage}: launcher {launcher}, world size {world}, device {dev_type}, precision {precision}, "
-         f"ZeRO stage {resolved.get('zero_optimization', {}).get('stage')}")
+    def plan(self) -> None:
+        """Everything decided and checked before a file is written: the launcher (every rank joins the process
+        group), precision, the resolved DeepSpeed config, the sampler, the checkpoint to resume and the config
+        hash it must match.
 
-    n_params = count_params(model)
-    fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, data.seq_len)
-    regime = RegimeTracker(n_params, len(data.train) * data.seq_len)  # data-regime diagnostics at each evaluation
-    peak = cfg.peak_tflops or None
-    if peak is None and dev_type == "cuda" and torch.cuda.is_available():
-        peak = peak_tflops_for(torch.cuda.get_device_name())
-    if peak is None:
-        _log("train/mfu is not logged: the device's peak TFLOP/s is unknown; pass --peak_tflops")
+        Raises:
+            DSConfigError: a bad DeepSpeed template or batch arithmetic.
+            ValueError: a validation split without one block.
+            CheckpointError: a checkpoint of another configuration (without ``--overwrite``) or world size.
+        """
+        from pipeline.ds_config import adapt_to_device, resolve_precision, template_from_env
+        from pipeline.engine import device_type
 
-    schedule = WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    engine, speed_note = build_training_engine(model, cfg, resolved, precision, schedule, launcher, dev_type)
-    _log(speed_note)
-    for m in (extra_modules or {}).values():
-        m.to(device=engine.device, dtype=engine.dtype).eval()
-    if on_engine is not None:
-        on_engine(engine)
+        cfg, data = self.cfg, self.data
+        self.launcher = init_distributed()  # every rank
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.dev_type = device_type()
+        self.precision, self.precision_note = resolve_precision(cfg.precision, self.dev_type)
+        # under `accelerate launch`, the template its yaml names (deepspeed_config_file) is the one chosen
+        template = template_from_env(cfg.ds_config) if self.launcher == "accelerate" else cfg.ds_config
+        # the resolved file shows what DeepSpeed gets: adapted to the device (torch AdamW and no DeepCompile off CUDA)
+        self.resolved = adapt_to_device(resolve_run_ds_config(cfg, template, self.world, self.precision),
+                                        self.dev_type)
+        self.sampler = GlobalBatchSampler(len(data.train), cfg.micro_batch_size, cfg.grad_accum, self.world,
+                                          self.rank, cfg.seed, world_source=dist.world_size_source(self.launcher))
+        if len(data.val) < 1:
+            raise ValueError(f"the validation split has no block of seq_len {data.seq_len}; remake stage 01 with a "
+                             f"larger --val_fraction")
+        # every rank; files checked against their hashes
+        resume_path = ckpt.find_verified_resume(self.ckpt_dir, cfg.resume)
+        # what a checkpoint must match to be resumed: the configuration and the stage-01 data it trained on
+        chash = config_hash(cfg, also_ignore=RESUMABLE_CHANGES)
+        self.chash = hashlib.sha256(f"{chash}:{data_identity(data.data_dir)}".encode()).hexdigest()[:16]
+        if resume_path is not None and cfg.resume == "auto":
+            saved = ckpt.marker(resume_path).get("config_hash")
+            if saved not in (None, self.chash):
+                if not cfg.overwrite:
+                    raise ckpt.CheckpointError(
+                        f"{resume_path} was saved by a run with another configuration or other stage-01 data "
+                        f"({saved}; this run {self.chash}): pass --overwrite to start afresh (its checkpoints are "
+                        f"deleted), or run with the configuration it was made with")
+                _log(f"--overwrite: not resuming {resume_path} (another configuration); starting afresh")
+                resume_path = None
+        if resume_path is not None:
+            ckpt.check_world_size(resume_path, self.world, self.resolved)  # refuse before anything is written
+        self.resume_path = resume_path
 
-    step, tokens_seen = 0, 0
-    lr_changed_from = None
-    if resume_path is not None:
-        state = ckpt.load(engine, resume_path)  # every rank
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        sampler.load_state_dict(state["sampler"])
+    def prepare_run_dir(self) -> None:
+        """Rank 0 readies the stage folder: the manifest goes (the stage is incomplete until it is written again);
+        a fresh start deletes the old logs, checkpoints and TensorBoard folder, a resume drops the metrics rows
+        past the resumed step (they are replayed); then the resolved DeepSpeed config is written."""
+        from pipeline.stage_output import StageOutput
+
+        if self.rank == 0:
+            StageOutput(self.out_dir, self.tb_dir).begin_in_place(
+                None if self.resume_path is None else resume_step_of(self.resume_path), also_fresh=(self.ckpt_dir,))
+        from pipeline.ds_config import write_resolved
+
+        self.resolved_path = (write_resolved(self.resolved, self.out_dir) if self.rank == 0
+                              else self.out_dir / "ds_config.resolved.json")
+        if self.precision_note:
+            _log(self.precision_note)
+        _log(f"{self.stage}: launcher {self.launcher}, world size {self.world}, device {self.dev_type}, precision "
+             f"{self.precision}, ZeRO stage {self.resolved.get('zero_optimization', {}).get('stage')}")
+
+    def build_engine(self) -> None:
+        """The model's size figures (parameters, FLOPs per token, MFU peak), the LR schedule and the engine
+        (:func:`build_training_engine`).  Every rank must call this."""
+        cfg, data, model = self.cfg, self.data, self.model
+        self.n_params = count_params(model)
+        self.fpt = flops_per_token(self.n_params, model.config.num_hidden_layers, model.config.hidden_size,
+                                   data.seq_len)
+        self.regime = RegimeTracker(self.n_params, len(data.train) * data.seq_len)  # diagnostics at each evaluation
+        peak = cfg.peak_tflops or None
+        if peak is None and self.dev_type == "cuda" and torch.cuda.is_available():
+            peak = peak_tflops_for(torch.cuda.get_device_name())
+        if peak is None:
+            _log("train/mfu is not logged: the device's peak TFLOP/s is unknown; pass --peak_tflops")
+        self.peak = peak
+        schedule = WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        self.engine, speed_note = build_training_engine(model, cfg, self.resolved, self.precision, schedule,
+                                                        self.launcher, self.dev_type)
+        _log(speed_note)
+
+    def setup(self) -> None:
+        """A subclass's own set-up once the engine exists and before resuming (masks, a teacher).  Every rank
+        calls it."""
+
+    def resume(self) -> None:
+        """Load :attr:`resume_path` (weights, optimizer, LR schedule, sampler; every rank), apply a changed
+        ``--lr`` (:data:`RESUMABLE_CHANGES`) and hand the client state to :meth:`restore_state`."""
+        if self.resume_path is None:
+            return
+        cfg, engine = self.cfg, self.engine
+        state = ckpt.load(engine, self.resume_path)  # every rank
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.sampler.load_state_dict(state["sampler"])
         saved_lr = state.get("lr")
         if saved_lr is not None and float(saved_lr) != cfg.lr:
             ckpt.override_peak_lr(engine, cfg.lr)
-            lr_changed_from = float(saved_lr)
+            self.lr_changed_from = float(saved_lr)
             _log(f"resuming with --lr {cfg.lr:g} instead of the checkpoint's {saved_lr:g} (recorded in the manifest)")
-        if state.get("config_hash") not in (None, chash):
-            _log(f"warning: resuming a checkpoint made with config {state.get('config_hash')} (this run: {chash})")
-        if restore_hook is not None:
-            restore_hook(state)
-        _log(f"resumed from {resume_path} at step {step} ({tokens_seen} tokens seen)")
+        if state.get("config_hash") not in (None, self.chash):
+            _log(f"warning: resuming a checkpoint made with config {state.get('config_hash')} (this run: "
+                 f"{self.chash})")
+        self.restore_state(state)
+        _log(f"resumed from {self.resume_path} at step {self.step} ({self.tokens_seen} tokens seen)")
 
-    from transformers import AutoTokenizer
+    def checkpoint_state(self) -> dict:
+        """More items for each checkpoint's client state (a subclass's; none here)."""
+        return {}
 
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
-    logger = MetricsLogger(out_dir / "metrics.jsonl", tb_dir, purge_step=step + 1 if resume_path else None)
-    global_tokens = sampler.global_batch * data.seq_len
-    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
-    monitor = LossScaleMonitor(engine.min_loss_scale if precision == "fp16" else None, cfg.max_skipped_fraction,
-                               cfg.skip_window, precision=None if precision == "fp16" else precision)
-    from pipeline.health import NonFiniteLossWatch
+    def restore_state(self, client: dict) -> None:
+        """Receives the client state of the checkpoint being resumed (what :meth:`checkpoint_state` added)."""
 
-    nonfinite = NonFiniteLossWatch(cfg.skip_window, engine.device)  # every precision
-    history: dict[str, list] = {"step": [], "loss": [], "loss_scale": [], "skipped": []}
-    val_metrics: dict[str, float] = {}
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm import tqdm
+    def start_loop(self) -> None:
+        """The loop's companions: tokenizer (samples), metrics logger, fp16 and non-finite health monitors,
+        progress bar."""
+        from transformers import AutoTokenizer
 
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
+        from pipeline.health import NonFiniteLossWatch
 
-    def save_ckpt(at: int) -> None:
-        client = {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "config_hash": chash, "lr": cfg.lr}
-        if client_state_hook is not None:
-            client.update(client_state_hook())
-        ckpt.save(engine, ckpt_dir, at, client, cfg.keep_last)  # every rank
+        cfg, engine = self.cfg, self.engine
+        self.tokenizer = AutoTokenizer.from_pretrained(self.data.tokenizer_dir)
+        self.logger = MetricsLogger(self.out_dir / "metrics.jsonl", self.tb_dir,
+                                    purge_step=self.step + 1 if self.resume_path else None)
+        self.global_tokens = self.sampler.global_batch * self.data.seq_len
+        self.eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+        fp16 = self.precision == "fp16"
+        self.monitor = LossScaleMonitor(engine.min_loss_scale if fp16 else None, cfg.max_skipped_fraction,
+                                        cfg.skip_window, precision=None if fp16 else self.precision)
+        self.nonfinite = NonFiniteLossWatch(cfg.skip_window, engine.device)  # every precision
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
 
-    def run_eval(at: int, log: bool = True) -> tuple[float, float]:
+            self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
+        self.pin = engine.device.type == "cuda"
+        self.t_log, self.steps_since_log, self.tps_sum, self.tps_n = time.perf_counter(), 0, 0.0, 0
+        self.last_mfu = None
+        self.unchecked: tuple[int, Any] | None = None  # (step, StepResult) the fp16 monitor has not seen yet
+
+    # -- phases of one step -----------------------------------------------------------------------
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The training loss of one micro-batch ``(B, T+1)`` on the device and extra metrics to log (``loss_fn``'s
+        by default).  Every rank calls it for every micro-batch."""
+        return self.loss_fn(self.engine, batch)
+
+    def check_health(self) -> None:
+        """Hand the fp16 monitor the newest step outcome it has not seen (raises FP16HealthError)."""
+        if self.unchecked is not None:
+            at, r = self.unchecked
+            self.unchecked = None
+            self.monitor.update(r.applied, r.loss_scale, at)
+
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the summed loss, the summed extra metrics
+        (on the device) and the LR the step used."""
+        engine, data = self.engine, self.data
+        lr_now = None
+        loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
+        extras: dict[str, torch.Tensor] = {}
+        for idx in self.sampler.next_step():
+            batch = torch.stack([data.train[i] for i in idx])
+            if self.pin:  # page-locked, so the copy is asynchronous and the host goes on queueing work
+                batch = batch.pin_memory()
+            batch = batch.to(engine.device, non_blocking=True)
+            loss, extra = self.loss(batch)
+            engine.backward(loss)
+            if lr_now is None:
+                # the previous step's outcome was read before this backward scaled its loss (deferred fp16
+                # overflow check), so neither of these waits for the GPU; the LR is the one this step uses
+                self.check_health()
+                lr_now = engine.lr()
+            engine.step()
+            loss_acc += loss.detach().float()
+            for k, v in extra.items():
+                v = torch.as_tensor(v, dtype=torch.float32, device=engine.device).detach()
+                extras[k] = extras.get(k, torch.zeros((), device=engine.device)) + v
+        self.step += 1
+        self.tokens_seen += self.global_tokens
+        self.steps_since_log += 1
+        return loss_acc, extras, lr_now
+
+    def after_step(self) -> None:
+        """Called after every optimizer step, applied or skipped (:class:`SparseTrainer` re-applies its masks).
+        A skipped step changed no weight, so what runs here must be harmless to repeat: whether a step was
+        applied is known only at the next backward (the deferred fp16 overflow check).  Every rank calls it."""
+
+    def log_step(self, res: Any, loss_acc: torch.Tensor, extras: dict[str, torch.Tensor], lr_now: float) -> None:
+        """One row of training metrics: the global batch's mean token loss (over the accumulation window and the
+        ranks; a collective, every rank), LR, loss scale, skipped steps, tokens/s, gradient norm, MFU, extras."""
+        cfg, engine, step = self.cfg, self.engine, self.step
+        vals = torch.stack([loss_acc, *extras.values()]) / cfg.grad_accum
+        vals = _all_reduce_sum(vals) / self.world
+        now = time.perf_counter()
+        tps = self.global_tokens * self.steps_since_log / max(now - self.t_log, 1e-9)
+        row = {"train/loss": vals[0].item(), "train/lr": lr_now, "train/loss_scale": res.loss_scale,
+               "train/skipped_steps": engine.skipped_steps, "train/tokens_per_s": tps}
+        grad_norm = res.grad_norm  # read from the device on logged steps only (a host synchronisation)
+        if grad_norm is not None:
+            row["train/grad_norm"] = grad_norm
+        if self.peak:
+            self.last_mfu = mfu(tps, self.fpt, self.peak, self.world)
+            row["train/mfu"] = self.last_mfu
+        row.update({k: v.item() for k, v in zip(extras, vals[1:])})
+        self.logger.log(step, row)
+        self.history["step"].append(step)
+        self.history["loss"].append(row["train/loss"])
+        self.history["loss_scale"].append(res.loss_scale)
+        self.history["skipped"].append(engine.skipped_steps)
+        if step > cfg.log_interval:  # the first interval holds start-up costs
+            self.tps_sum, self.tps_n = self.tps_sum + tps, self.tps_n + 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{lr_now:.2e}", scale=f"{res.loss_scale:g}")
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        """Validation loss and extra figures of the model as it is now (``eval_fn``'s, else :func:`evaluate`'s
+        loss and ``val/ppl``).  Every rank calls it."""
+        engine, data = self.engine, self.data
+        if self.eval_fn is None:
+            loss, ppl, _ = evaluate(engine.ds, data.val, self.eval_bs, engine.device, self.world, self.rank)
+            return loss, {"val/ppl": ppl}
+        loss, extra = self.eval_fn(engine.ds, data.val, self.eval_bs, engine.device, self.world, self.rank)
+        self.val_metrics.clear()
+        self.val_metrics.update(extra)
+        return loss, extra
+
+    def evaluate(self, at: int, log: bool = True) -> tuple[float, float]:
+        """Validate, log ``val/*`` and the data-regime scalars, and a text sample; returns (loss, perplexity).
+        Every rank calls it."""
+        cfg, engine = self.cfg, self.engine
         with engine.uncompiled():
-            if eval_fn is None:
-                loss, ppl, _ = evaluate(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
-                extra = {"val/ppl": ppl}
-            else:
-                loss, extra = eval_fn(engine.ds, data.val, eval_bs, engine.device, world, rank)  # every rank
-                ppl = math.exp(min(loss, 700.0))
-                val_metrics.clear()
-                val_metrics.update(extra)
-            scalars, warnings = regime.at_eval(at, tokens_seen, loss, history)
+            loss, extra = self.validate()  # every rank
+            ppl = extra["val/ppl"] if self.eval_fn is None else math.exp(min(loss, 700.0))
+            scalars, warnings = self.regime.at_eval(at, self.tokens_seen, loss, self.history)
             if log:
-                logger.log(at, {"val/loss": loss, **extra})
-                logger.log(at, scalars)
+                self.logger.log(at, {"val/loss": loss, **extra})
+                self.logger.log(at, scalars)
             if cfg.sample_tokens > 0:
-                text = generate_sample(engine, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed + at)
+                text = generate_sample(engine, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed + at)
                 if log:
-                    logger.text(at, "sample", text)
+                    self.logger.text(at, "sample", text)
         for msg in [f"step {at}: val/loss {loss:.4f}  val/ppl {ppl:.2f}", *(f"warning: {w}" for w in warnings)]:
-            bar.write(f"[train] {msg}") if bar is not None else _log(msg)
+            self.bar.write(f"[train] {msg}") if self.bar is not None else _log(msg)
         return loss, ppl
 
-    engine.train()
-    pin = engine.device.type == "cuda"
-    val_loss = val_ppl = float("nan")
-    t_log, steps_since_log, tps_sum, tps_n = time.perf_counter(), 0, 0.0, 0
-    last_mfu = None
-    unchecked: tuple[int, Any] | None = None  # (step, StepResult) the fp16 health monitor has not seen yet
+    def save(self, at: int) -> None:
+        """Checkpoint step ``at`` (tokens seen, sampler, config hash, LR and :meth:`checkpoint_state`); every rank."""
+        client = {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "config_hash": self.chash,
+                  "lr": self.cfg.lr}
+        client.update(self.checkpoint_state())
+        ckpt.save(self.engine, self.ckpt_dir, at, client, self.cfg.keep_last)  # every rank
 
-    def check_health() -> None:
-        nonlocal unchecked
-        if unchecked is not None:
-            at, r = unchecked
-            unchecked = None
-            monitor.update(r.applied, r.loss_scale, at)  # raises FP16HealthError
+    def halt(self) -> None:
+        """``--halt_after_step``: stop right after that step's checkpoint as if killed.
 
-    try:
-        while step < cfg.max_steps:
-            arm_watchdog(cfg.watchdog_s)  # restarted every step: covers the step, its evaluation and checkpoint
-            lr_now = None
-            loss_acc = torch.zeros((), device=engine.device, dtype=torch.float32)
-            extras: dict[str, torch.Tensor] = {}
-            for idx in sampler.next_step():
-                batch = torch.stack([data.train[i] for i in idx])
-                if pin:  # page-locked, so the copy is asynchronous and the host goes on queueing work
-                    batch = batch.pin_memory()
-                batch = batch.to(engine.device, non_blocking=True)
-                loss, extra = loss_fn(engine, batch)
-                engine.backward(loss)
-                if lr_now is None:
-                    # the previous step's outcome was read before this backward scaled its loss (deferred fp16
-                    # overflow check), so neither of these waits for the GPU; the LR is the one this step uses
-                    check_health()
-                    lr_now = engine.lr()
-                engine.step()
-                loss_acc += loss.detach().float()
-                for k, v in extra.items():
-                    v = torch.as_tensor(v, dtype=torch.float32, device=engine.device).detach()
-                    extras[k] = extras.get(k, torch.zeros((), device=engine.device)) + v
-            step += 1
-            tokens_seen += global_tokens
-            steps_since_log += 1
-            res = engine.last_step()  # with the deferred overflow check, settled at the next backward
-            unchecked = (step, res)
-            nonfinite.record(step, loss_acc)  # on the device: read where the loop synchronises anyway
-            if after_step is not None:
-                after_step(engine)
-            if bar is not None:
-                bar.update(1)
-            halting = bool(cfg.halt_after_step) and step == cfg.halt_after_step and step < cfg.max_steps
-            if halting or step == cfg.max_steps or any(
-                    step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.save_interval)):
-                check_health()  # a step that logs, evaluates or saves reads its own outcome (one wait for the GPU)
-                nonfinite.check(step, cfg.max_skipped_fraction, precision)  # raises TrainingHealthError
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                # mean over the accumulation window and the ranks: the global batch's mean token loss
-                vals = torch.stack([loss_acc, *extras.values()]) / cfg.grad_accum
-                vals = _all_reduce_sum(vals) / world
-                now = time.perf_counter()
-                tps = global_tokens * steps_since_log / max(now - t_log, 1e-9)
-                row = {"train/loss": vals[0].item(), "train/lr": lr_now, "train/loss_scale": res.loss_scale,
-                       "train/skipped_steps": engine.skipped_steps, "train/tokens_per_s": tps}
-                grad_norm = res.grad_norm  # read from the device on logged steps only (a host synchronisation)
-                if grad_norm is not None:
-                    row["train/grad_norm"] = grad_norm
-                if peak:
-                    last_mfu = mfu(tps, fpt, peak, world)
-                    row["train/mfu"] = last_mfu
-                row.update({k: v.item() for k, v in zip(extras, vals[1:])})
-                logger.log(step, row)
-                history["step"].append(step)
-                history["loss"].append(row["train/loss"])
-                history["loss_scale"].append(res.loss_scale)
-                history["skipped"].append(engine.skipped_steps)
-                if step > cfg.log_interval:  # the first interval holds start-up costs
-                    tps_sum, tps_n = tps_sum + tps, tps_n + 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{lr_now:.2e}", scale=f"{res.loss_scale:g}")
-                t_log, steps_since_log = time.perf_counter(), 0
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss, val_ppl = run_eval(step)
-                t_log = time.perf_counter()
-            if step % cfg.save_interval == 0 or step == cfg.max_steps:
-                save_ckpt(step)
-                t_log = time.perf_counter()
-            if halting:
-                raise TrainingHalted(f"halted after step {step} (--halt_after_step); resume with --resume auto")
-        if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
-            # logged only when the metrics lack it (a re-run of a finished stage adds no second final row)
-            val_loss, val_ppl = run_eval(step, log=not _logged(out_dir / "metrics.jsonl", step, "val/loss"))
-        arm_watchdog(cfg.watchdog_s)
-        model_dir = out_dir / "model"
-        if rank == 0 and model_dir.exists():
+        Raises:
+            TrainingHalted: always.
+        """
+        raise TrainingHalted(f"halted after step {self.step} (--halt_after_step); resume with --resume auto")
+
+    def export(self) -> Path:
+        """The Hugging Face model (and the tokenizer) in ``out_dir/model``, replacing an older one; every rank."""
+        model_dir = self.out_dir / "model"
+        if self.rank == 0 and model_dir.exists():
             shutil.rmtree(model_dir)
-        engine.export_hf(model_dir, data.tokenizer_dir)  # every rank
+        self.engine.export_hf(model_dir, self.data.tokenizer_dir)  # every rank
         dist.barrier()  # every rank
-    except FP16HealthError as e:
-        if rank == 0:
-            # a checkpoint holds the weights the *next* step runs on: the one before the first bad step made it
-            first_bad = min(x for x in (monitor.first_skipped(), nonfinite.first_bad(step), step) if x is not None)
-            since = max(first_bad - 1, 1)
-            aside = set_aside_unhealthy(ckpt_dir, since, str(e).split(". ")[0])
-            if aside:
-                _log(f"checkpoints saved since step {since} set aside as not resumable: "
-                     f"{', '.join(p.name for p in aside)}")
-        raise
-    finally:
-        disarm_watchdog()
-        if bar is not None:
-            bar.close()
-        logger.close()
-    _log(f"{stage}: done in {time.time() - t_start:.0f} s; val/loss {val_loss:.4f}; model in {model_dir}")
-    return TrainResult(
-        val_loss=val_loss, val_ppl=val_ppl, steps=step, tokens_seen=tokens_seen, skipped_steps=engine.skipped_steps,
-        loss_scale=engine.loss_scale(), precision=precision, precision_note=note, world_size=world,
-        launcher=launcher, backend=engine.backend, zero_stage=engine.zero_stage,
-        ds_config_resolved=str(resolved_path), model_dir=str(model_dir), n_params=n_params,
-        tokens_per_s=(tps_sum / tps_n) if tps_n else None, mfu=last_mfu,
-        resumed_from=str(resume_path) if resume_path else None, history=history, regime=regime.summary(),
-        val_metrics=val_metrics, lr_changed_from=lr_changed_from)
+        return model_dir
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Run every phase: train to ``max_steps`` with evaluation, checkpoints and logs, then export.
+
+        Every rank must call this.
+
+        Raises:
+            DSConfigError: a bad DeepSpeed template or batch arithmetic (before anything is written).
+            ValueError: too little data for one global batch.
+            CheckpointError: a checkpoint that cannot be resumed (e.g. another world size).
+            FP16HealthError: the fp16 loss scale hit its minimum, or too many steps overflowed.
+            TrainingHalted: after the checkpoint of ``cfg.halt_after_step``.
+        """
+        t_start = time.time()
+        cfg = self.cfg
+        self.plan()
+        self.prepare_run_dir()
+        self.build_engine()
+        self.setup()  # every rank
+        self.resume()
+        self.start_loop()
+        engine = self.engine
+        engine.train()
+        val_loss = val_ppl = float("nan")
+        try:
+            while self.step < cfg.max_steps:
+                arm_watchdog(cfg.watchdog_s)  # restarted every step: covers the step, its evaluation and checkpoint
+                loss_acc, extras, lr_now = self.train_step()
+                step = self.step
+                res = engine.last_step()  # with the deferred overflow check, settled at the next backward
+                self.unchecked = (step, res)
+                self.nonfinite.record(step, loss_acc)  # on the device: read where the loop synchronises anyway
+                self.after_step()  # every rank
+                if self.bar is not None:
+                    self.bar.update(1)
+                halting = bool(cfg.halt_after_step) and step == cfg.halt_after_step and step < cfg.max_steps
+                if halting or step == cfg.max_steps or any(
+                        step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.save_interval)):
+                    self.check_health()  # a step that logs, evaluates or saves reads its own outcome (one GPU wait)
+                    self.nonfinite.check(step, cfg.max_skipped_fraction, self.precision)  # TrainingHealthError
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    self.log_step(res, loss_acc, extras, lr_now)
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    val_loss, val_ppl = self.evaluate(step)
+                    self.t_log = time.perf_counter()
+                if step % cfg.save_interval == 0 or step == cfg.max_steps:
+                    self.save(step)
+                    self.t_log = time.perf_counter()
+                if halting:
+                    self.halt()
+            if math.isnan(val_loss):  # resumed at max_steps: evaluate the final weights once more
+                # logged only when the metrics lack it (a re-run of a finished stage adds no second final row)
+                val_loss, val_ppl = self.evaluate(
+                    self.step, log=not _logged(self.out_dir / "metrics.jsonl", self.step, "val/loss"))
+            arm_watchdog(cfg.watchdog_s)
+            model_dir = self.export()
+        except FP16HealthError as e:
+            if self.rank == 0:
+                # a checkpoint holds the weights the *next* step runs on: the one before the first bad step made it
+                first_bad = min(x for x in (self.monitor.first_skipped(), self.nonfinite.first_bad(self.step),
+                                            self.step) if x is not None)
+                since = max(first_bad - 1, 1)
+                aside = set_aside_unhealthy(self.ckpt_dir, since, str(e).split(". ")[0])
+                if aside:
+                    _log(f"checkpoints saved since step {since} set aside as not resumable: "
+                         f"{', '.join(p.name for p in aside)}")
+            raise
+        finally:
+            disarm_watchdog()
+            if self.bar is not None:
+                self.bar.close()
+            self.logger.close()
+        _log(f"{self.stage}: done in {time.time() - t_start:.0f} s; val/loss {val_loss:.4f}; model in {model_dir}")
+        return TrainResult(
+            val_loss=val_loss, val_ppl=val_ppl, steps=self.step, tokens_seen=self.tokens_seen,
+            skipped_steps=engine.skipped_steps, loss_scale=engine.loss_scale(), precision=self.precision,
+            precision_note=self.precision_note, world_size=self.world, launcher=self.launcher,
+            backend=engine.backend, zero_stage=engine.zero_stage, ds_config_resolved=str(self.resolved_path),
+            model_dir=str(model_dir), n_params=self.n_params,
+            tokens_per_s=(self.tps_sum / self.tps_n) if self.tps_n else None, mfu=self.last_mfu,
+            resumed_from=str(self.resume_path) if self.resume_path else None, history=self.history,
+            regime=self.regime.summary(), val_metrics=self.val_metrics, lr_changed_from=self.lr_changed_from)
+
+
+class SparseTrainer(Trainer):
+    """A :class:`Trainer` that keeps pruned weights at zero: ``masks`` (parameter name -> bool tensor, True =
+    kept) are applied once the engine exists and again after every optimizer step, in the fp32 master weights,
+    Adam's moments and the module's weights (:class:`pipeline.compat.zero_masks.MaskKeeper`, ZeRO stages 0-3).
+    With empty ``masks`` it is a plain :class:`Trainer`.  Every rank must pass the same masks."""
+
+    def __init__(self, *args: Any, masks: dict[str, torch.Tensor] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.masks = masks or {}
+        self.keeper = None
+
+    def setup(self) -> None:
+        super().setup()
+        if self.masks:
+            from pipeline.compat.zero_masks import MaskKeeper
+
+            self.keeper = MaskKeeper(self.engine, self.masks)  # every rank: its own partition of the fp32 weights
+            self.keeper.apply(self.engine)
+
+    def after_step(self) -> None:
+        super().after_step()
+        if self.keeper is not None:
+            self.keeper.apply(self.engine)  # every rank
+
+
+def run_training(cfg: TrainConfig, model: torch.nn.Module, *, stage: str, out_dir: str | Path,
+                 tb_dir: str | Path | None, data: TrainData, loss_fn: LossFn | None = None,
+                 eval_fn: Callable[..., tuple[float, dict[str, float]]] | None = None) -> TrainResult:
+    """``Trainer(...).fit()``: train ``model`` as ``cfg`` says and export it to ``out_dir/model`` (the arguments
+    are :class:`Trainer`'s; :class:`pipeline.horovod_backend.HorovodBackend` has the same signature).  Every rank
+    must call this with the same arguments."""
+    return Trainer(cfg, model, stage=stage, out_dir=out_dir, tb_dir=tb_dir, data=data, loss_fn=loss_fn,
+                   eval_fn=eval_fn).fit()
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,15 +40,14 @@ from pipeline.evaluate import (
     validation_loss,
 )
 from pipeline.manifest import (
-    MANIFEST,
     StageError,
     atomic_write_json,
-    prepare_output_dir,
     require_stage,
     stage_dir,
     write_manifest,
 )
 from pipeline.metrics import MetricsLogger
+from pipeline.stage_output import StageOutput
 from pipeline.timing import choose_threads, interleaved_forward_latency, interleaved_generation
 from pipeline.tokens import load_tokens
 
@@ -125,90 +122,81 @@ def main(cfg: EvalConfig) -> dict | None:
                          "re-run the stage that made that model (`make pretrain|prune|distill`)")
     out_dir = stage_dir(run_dir, "eval")
     chash = config_hash(cfg)
-    prepare_output_dir(out_dir, chash, cfg.overwrite, "eval")
+    output = StageOutput(out_dir, cfg.tb_root() / "eval")
+    output.check(chash, cfg.overwrite, "eval")
 
-    # 2. from here on files are written, into a staging folder: an earlier complete output (manifest, table,
+    # 2. from here on files are written, into temporary folders: an earlier complete output (manifest, table,
     # logs) stays as it is until this evaluation has succeeded (a failing --overwrite loses nothing)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tb_final = cfg.tb_root() / "eval"
-    staging, tb_dir = out_dir / ".partial", tb_final.with_name("eval.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(tb_dir, ignore_errors=True)
-    staging.mkdir()
-    device = cfg.resolved_device()
-    dtype = cfg.resolved_dtype()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    vocab = int(data["outputs"]["vocab_size"])
-    results: dict[str, dict] = {}
-    samples: dict[str, str] = {}
-    cpu_models: dict[str, torch.nn.Module] = {}
-    thread_choice: dict | None = None
+    with output.staging() as staged:
+        staging, tb_dir = staged.dir, staged.tb_dir
+        device = cfg.resolved_device()
+        dtype = cfg.resolved_dtype()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        vocab = int(data["outputs"]["vocab_size"])
+        results: dict[str, dict] = {}
+        samples: dict[str, str] = {}
+        cpu_models: dict[str, torch.nn.Module] = {}
+        thread_choice: dict | None = None
 
-    # 3. every model: quality (fp32), size, sample, then speed in the measurement dtype
-    with MetricsLogger(staging / "metrics.jsonl", tb_dir) as log:
-        for e in entries:
-            print(f"eval: {e.name} ({e.model_dir})", flush=True)
-            model = load_model_named(e.model_dir).to(device).eval()
-            row = {"stage": e.stage, "stage_dir": e.stage_dir.name, "method": e.method,
-                   "masks": str(e.masks) if e.masks else None}
-            row.update(size_stats(model, e.model_dir, e.masks))
-            row["val_loss"], row["val_ppl"] = validation_loss(model, val, seq_len, cfg.val_batch_size)
-            samples[e.name], _ = generate(model, tokenizer, cfg.prompt, cfg.gen_tokens)
-            model.to(dtype)
-            results[e.name] = row
-            if device == "cpu":
-                cpu_models[e.name] = model  # timed below, all models together (pipeline.timing)
-                continue
-            row["latency"] = forward_latency(model, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
-                                             graphs=device == "cuda" and cfg.cuda_graphs, seed=cfg.seed)
-            row["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
-            if device == "cuda" and cfg.sparse_24 and row["is_2_4"]:
-                row["sparse_24"] = measure_sparse_24(model, vocab, cfg, tokenizer, row["latency"])
-            del model
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        if cpu_models:
-            thread_choice = time_on_cpu(cpu_models, results, tokenizer, vocab, cfg)
-            cpu_models.clear()
-        if cfg.decode:  # all models at once, interleaved: after the loop above has freed each one
-            print("eval: decode speed (static KV cache, every model interleaved)", flush=True)
-            for name, rows in decode_speed(entries, cfg, tokenizer).items():
-                results[name]["decode"] = rows
-        speedups(results, baseline="dense")
-        for step, (name, row) in enumerate(results.items()):
-            log.log(step, scalars(name, row))
-            log.text(step, f"eval/{name}/sample", samples[name])
+        # 3. every model: quality (fp32), size, sample, then speed in the measurement dtype
+        with MetricsLogger(staging / "metrics.jsonl", tb_dir) as log:
+            for e in entries:
+                print(f"eval: {e.name} ({e.model_dir})", flush=True)
+                model = load_model_named(e.model_dir).to(device).eval()
+                row = {"stage": e.stage, "stage_dir": e.stage_dir.name, "method": e.method,
+                       "masks": str(e.masks) if e.masks else None}
+                row.update(size_stats(model, e.model_dir, e.masks))
+                row["val_loss"], row["val_ppl"] = validation_loss(model, val, seq_len, cfg.val_batch_size)
+                samples[e.name], _ = generate(model, tokenizer, cfg.prompt, cfg.gen_tokens)
+                model.to(dtype)
+                results[e.name] = row
+                if device == "cpu":
+                    cpu_models[e.name] = model  # timed below, all models together (pipeline.timing)
+                    continue
+                row["latency"] = forward_latency(model, vocab, cfg.batch_sizes, cfg.seq_lens, cfg.warmup, cfg.repeats,
+                                                 graphs=device == "cuda" and cfg.cuda_graphs, seed=cfg.seed)
+                row["gen_tokens_per_s"] = generation_speed(model, tokenizer, cfg.prompt, cfg.gen_tokens, cfg.gen_repeats)
+                if device == "cuda" and cfg.sparse_24 and row["is_2_4"]:
+                    row["sparse_24"] = measure_sparse_24(model, vocab, cfg, tokenizer, row["latency"])
+                del model
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if cpu_models:
+                thread_choice = time_on_cpu(cpu_models, results, tokenizer, vocab, cfg)
+                cpu_models.clear()
+            if cfg.decode:  # all models at once, interleaved: after the loop above has freed each one
+                print("eval: decode speed (static KV cache, every model interleaved)", flush=True)
+                for name, rows in decode_speed(entries, cfg, tokenizer).items():
+                    results[name]["decode"] = rows
+            speedups(results, baseline="dense")
+            for step, (name, row) in enumerate(results.items()):
+                log.log(step, scalars(name, row))
+                log.text(step, f"eval/{name}/sample", samples[name])
 
-    # 4. the table, then the manifest (last)
-    ref = (max(cfg.batch_sizes), max(cfg.seq_lens))
-    missing = {s: f"no {stage_dir(run_dir, s).name} directory" for s in ("prune", "distill")
-               if not any(e.stage == s for e in entries)}
-    outputs = {
-        "results": "results.json", "metrics": "metrics.jsonl", "config_hash": chash,
-        "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "timing_protocol": ({"interleaved": True, "max_spread": cfg.max_spread, "thread_choice": thread_choice}
-                            if device == "cpu" else {"interleaved": False}),
-        "reference_shape": {"batch": ref[0], "seq_len": ref[1]}, "models": list(results),
-        "missing": missing, "prompt": cfg.prompt, "prompt_source": prompt_source, "samples": samples,
-        "val_warning": small_validation_warning(len(val), seq_len),
-        "val_tokens": len(val), "val_seq_len": seq_len,
-    }
-    # success: the old output is replaced (the directory is incomplete between the unlink and write_manifest)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    os.replace(staging / "metrics.jsonl", out_dir / "metrics.jsonl")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(tb_final, ignore_errors=True)
-    if tb_dir.exists():
-        os.replace(tb_dir, tb_final)
-    atomic_write_json(out_dir / "results.json", {"outputs": outputs, "models": results})
-    inputs = {"data": data_dir, **{e.stage if e.stage != "controls" else f"controls/{e.name}": e.stage_dir
-                                   for e in entries}}
-    return write_manifest(out_dir, "eval", to_dict(cfg), outputs, metrics=results, inputs=inputs,
-                          seed=cfg.seed, wall_time_s=time.time() - t_start)
+        # 4. the table, then the manifest (last)
+        ref = (max(cfg.batch_sizes), max(cfg.seq_lens))
+        missing = {s: f"no {stage_dir(run_dir, s).name} directory" for s in ("prune", "distill")
+                   if not any(e.stage == s for e in entries)}
+        outputs = {
+            "results": "results.json", "metrics": "metrics.jsonl", "config_hash": chash,
+            "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "timing_protocol": ({"interleaved": True, "max_spread": cfg.max_spread, "thread_choice": thread_choice}
+                                if device == "cpu" else {"interleaved": False}),
+            "reference_shape": {"batch": ref[0], "seq_len": ref[1]}, "models": list(results),
+            "missing": missing, "prompt": cfg.prompt, "prompt_source": prompt_source, "samples": samples,
+            "val_warning": small_validation_warning(len(val), seq_len),
+            "val_tokens": len(val), "val_seq_len": seq_len,
+        }
+        atomic_write_json(staging / "results.json", {"outputs": outputs, "models": results})
+        inputs = {"data": data_dir, **{e.stage if e.stage != "controls" else f"controls/{e.name}": e.stage_dir
+                                       for e in entries}}
+        # success: the old output is replaced, then the manifest (last)
+        return staged.publish(lambda d: write_manifest(d, "eval", to_dict(cfg), outputs, metrics=results, inputs=inputs,
+                                                       seed=cfg.seed, wall_time_s=time.time() - t_start))
 
 
 def load_model_named(model_dir: Path):

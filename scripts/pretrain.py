@@ -5,7 +5,7 @@
     accelerate launch --config_file ds_configs/accelerate/zero2_fp16.yaml scripts/pretrain.py --run NAME
 
 Reads ``results/<run>/01_data`` (its manifest, never a guess), builds the model (or loads ``--init_from``),
-trains with :func:`pipeline.train.run_training` (resuming from the newest complete checkpoint with
+trains with :class:`pipeline.train.Trainer` (resuming from the newest complete checkpoint with
 ``--resume auto``), exports ``02_pretrain/model`` (safetensors + tokenizer) and writes ``manifest.json`` last.
 """
 
@@ -23,9 +23,10 @@ from pipeline.checkpoint import CheckpointError  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.engine import FP16HealthError, device_type  # noqa: E402
-from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
+from pipeline.manifest import StageError, require_stage, stage_dir, write_manifest  # noqa: E402
 from pipeline.model import build_model, load_model  # noqa: E402
-from pipeline.train import TrainConfig, TrainData, run_training  # noqa: E402
+from pipeline.stage_output import StageOutput  # noqa: E402
+from pipeline.train import TrainConfig, TrainData, Trainer  # noqa: E402
 
 
 def main(cfg: TrainConfig) -> dict | None:
@@ -40,7 +41,7 @@ def main(cfg: TrainConfig) -> dict | None:
     data_manifest = require_stage(cfg.run_dir(), "data", cfg.run, cfg.preset)
     out = stage_dir(cfg.run_dir(), "pretrain")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "pretrain")
+    StageOutput(out).check(chash, cfg.overwrite, "pretrain")
     data = TrainData.from_manifest(data_manifest)
     d = data_manifest["outputs"]
     if cfg.init_from:
@@ -54,7 +55,7 @@ def main(cfg: TrainConfig) -> dict | None:
                             d.get("pad_id"), seed=cfg.seed)
     t_train = time.time()
     try:
-        r = run_training(cfg, model, stage="pretrain", out_dir=out, tb_dir=cfg.tb_root() / "pretrain", data=data)
+        r = Trainer(cfg, model, stage="pretrain", out_dir=out, tb_dir=cfg.tb_root() / "pretrain", data=data).fit()
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     t_train = time.time() - t_train

@@ -5,7 +5,7 @@
     accelerate launch --config_file ds_configs/accelerate/zero2.yaml scripts/pretrain_encoder.py --run NAME ...
 
 Reads ``results/<run>/01_data`` (made with ``--task classify``: its tokenizer has [CLS]/[SEP]/[MASK]), builds
-a ``BertForMaskedLM`` of the preset's shape, trains it with :func:`pipeline.train.run_training` and the masked-LM
+a ``BertForMaskedLM`` of the preset's shape, trains it with :class:`pipeline.train.Trainer` and the masked-LM
 loss of :mod:`pipeline.encoder` (BERT's 15% / 80-10-10 rule), validates on a fixed seeded masking of the
 validation split (masked-LM loss and accuracy), exports ``02_pretrain/model`` and writes ``manifest.json`` last.
 """
@@ -24,8 +24,9 @@ from pipeline.cli import run_stage  # noqa: E402
 from pipeline.config import config_hash, to_dict  # noqa: E402
 from pipeline.encoder import EncoderTrainConfig, MLMSpec, build_encoder, make_mlm_eval, make_mlm_loss  # noqa: E402
 from pipeline.engine import FP16HealthError  # noqa: E402
-from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest  # noqa: E402
-from pipeline.train import TrainData, run_training  # noqa: E402
+from pipeline.manifest import StageError, require_stage, stage_dir, write_manifest  # noqa: E402
+from pipeline.stage_output import StageOutput  # noqa: E402
+from pipeline.train import TrainData, Trainer  # noqa: E402
 
 
 def main(cfg: EncoderTrainConfig) -> dict | None:
@@ -47,7 +48,7 @@ def main(cfg: EncoderTrainConfig) -> dict | None:
                          f"classify)")
     out = stage_dir(cfg.run_dir(), "pretrain")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "pretrain")
+    StageOutput(out).check(chash, cfg.overwrite, "pretrain")
     data = TrainData.from_manifest(data_manifest)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
     vocab = int(d["vocab_size"])
@@ -55,8 +56,8 @@ def main(cfg: EncoderTrainConfig) -> dict | None:
                                   mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
     model = build_encoder(cfg.model, vocab, data.seq_len, d.get("pad_id"), seed=cfg.seed)
     try:
-        r = run_training(cfg, model, stage="pretrain", out_dir=out, tb_dir=cfg.tb_root() / "pretrain", data=data,
-                         loss_fn=make_mlm_loss(spec), eval_fn=make_mlm_eval(spec, cfg.seed))
+        r = Trainer(cfg, model, stage="pretrain", out_dir=out, tb_dir=cfg.tb_root() / "pretrain", data=data,
+                    loss_fn=make_mlm_loss(spec), eval_fn=make_mlm_eval(spec, cfg.seed)).fit()
     except (FP16HealthError, CheckpointError) as e:
         raise StageError(str(e)) from None
     outputs = {

@@ -18,8 +18,6 @@ distributed launcher every rank computes the same and rank 0 alone writes.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,11 +33,12 @@ from pipeline.calibration import CALIBRATION_SPLIT, calibration_blocks, train_bl
 from pipeline.cli import run_stage
 from pipeline.config import ConfigError, config_hash, to_dict
 from pipeline.evaluate import validation_loss
-from pipeline.manifest import StageError, prepare_output_dir, require_stage, stage_dir, write_manifest
+from pipeline.manifest import StageError, require_stage, stage_dir, write_manifest
 from pipeline.metrics import MetricsLogger
 from pipeline.model import count_params
 from pipeline.prune import PruneConfig, check_model, method_manifest_fields, prune_model, target_sparsity
 from pipeline.sparsity import count_mask_violations, load_export_state_dict, save_masks
+from pipeline.stage_output import StageOutput
 from pipeline.tokens import load_tokens
 
 
@@ -69,15 +68,6 @@ def export_violations(model_dir: Path, masks: dict[str, torch.Tensor]) -> int:
     return sum(count_mask_violations(load_export_state_dict(model_dir), masks).values())
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` (kept aside until ``src`` is in place)."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(cfg: PruneConfig) -> dict | None:
     """Run stage 03 and return its manifest (rank 0; ``None`` on other ranks).
 
@@ -103,7 +93,8 @@ def main(cfg: PruneConfig) -> dict | None:
                          f"re-run `make pretrain RUN={cfg.run}`")
     out = stage_dir(cfg.run_dir(), "prune")
     chash = config_hash(cfg)
-    prepare_output_dir(out, chash, cfg.overwrite, "prune")
+    output = StageOutput(out, cfg.tb_root() / "prune")
+    output.check(chash, cfg.overwrite, "prune")
     model, tokenizer, model_dir = load_pretrained(pretrain, cfg.resolved_device())
     seq_len = int(data["outputs"]["seq_len"])
     val = load_tokens(data["_dir"], "val", data)
@@ -180,11 +171,9 @@ def main(cfg: PruneConfig) -> dict | None:
     if not dist.is_rank0():
         return None
 
-    # -- write into temporary folders, manifest last, then rename into place ---------------------
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tb = cfg.tb_root() / "prune"
-    tb_tmp = tb.with_name(f".prune.tmp-{os.getpid()}")
-    try:
+    # -- write into temporary folders, rename them into place, then the manifest (last) ---------
+    with output.staging() as staged:
+        tmp, tb_tmp = staged.dir, staged.tb_dir
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         if masks is not None:
@@ -202,14 +191,9 @@ def main(cfg: PruneConfig) -> dict | None:
                         "val/loss": val_loss, "val/ppl": val_ppl})
         with MetricsLogger(tmp / "metrics.jsonl", tb_tmp) as log:
             log.log(0, scalars)
-        manifest = write_manifest(tmp, "prune", to_dict(cfg), outputs, metrics,
-                                  inputs={"data": data["_dir"], "pretrain": pretrain["_dir"]},
-                                  seed=cfg.seed, wall_time_s=time.time() - t0)
-        replace_dir(tb_tmp, tb)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tb_tmp, ignore_errors=True)
+        manifest = staged.publish(lambda d: write_manifest(
+            d, "prune", to_dict(cfg), outputs, metrics, inputs={"data": data["_dir"], "pretrain": pretrain["_dir"]},
+            seed=cfg.seed, wall_time_s=time.time() - t0))
     dropped = f", layers dropped {result['depth']['dropped']}" if result.get("depth") else ""
     print(f"prune: {cfg.method} ({cfg.importance}{dropped}) sparsity {result['sparsity']:.4f}, params {params_before} -> {params_after} "
           f"({nonzero} non-zero), val/ppl {dense_ppl:.2f} -> {val_ppl:.2f} -> {out}")

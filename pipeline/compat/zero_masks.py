@@ -131,7 +131,7 @@ class MaskKeeper:
 
         Each rank zeroes its own share; every rank must call it (under ZeRO it is a per-rank operation
         on local data, no collective, but skipping it on one rank leaves that rank's share unmasked).
-        Usable directly as the training loop's ``after_step(engine)``.
+        :class:`pipeline.train.SparseTrainer` calls it in its ``after_step``.
         """
         from deepspeed.utils import (
             safe_get_local_fp32_param,
