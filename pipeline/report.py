@@ -160,7 +160,9 @@ def plot_loss_scale(metrics: dict[str, list[dict]], path: Path, precisions: dict
     for stage, (x, y) in lines.items():
         ax.step(x, y, where="post", label=f"{stage} ({precisions.get(stage) or 'precision ?'})")
     ax.set_yscale("log", base=2)
-    ax.set(title="dynamic loss scale", xlabel="step", ylabel="loss scale")
+    flat = all(set(y) == {1.0} for _, y in lines.values())
+    ax.set(title="dynamic loss scale" + (" (constant 1: no fp16 stage, nothing was scaled)" if flat else ""),
+           xlabel="step", ylabel="loss scale")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(plt, fig, path)
@@ -181,12 +183,25 @@ def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
     :func:`quality_axes`) and against non-zero parameters, one labelled point per model."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    markers = "osD^vP*Xph<>"
+    ppls = [r["val_ppl"] for r in models.values()]
     for ax, (key, label, scale) in zip(axes, quality_axes(models)):
-        for name, row in models.items():
-            ax.scatter(row[key] * scale, row["val_ppl"], s=40)
-            ax.annotate(name, (row[key] * scale, row["val_ppl"]), textcoords="offset points", xytext=(5, 5))
-        ax.set(xlabel=label, ylabel="validation perplexity", title=f"perplexity vs {label}")
+        # one marker per model, named in the legend with its perplexity: text labels beside the points overlap
+        # where models share a size (the student and its controls), and a far-off control squeezes the rest
+        for i, (name, row) in enumerate(models.items()):
+            ax.scatter(row[key] * scale, row["val_ppl"], s=50, marker=markers[i % len(markers)], alpha=0.8,
+                       label=f"{name} ({row['val_ppl']:.2f})")
+        if max(ppls) > 2 * min(ppls):
+            from matplotlib.ticker import ScalarFormatter
+
+            ax.set_yscale("log")
+            for axis in (ax.yaxis,):  # plain numbers on the log axis, not 1.2 × 10^2
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(ScalarFormatter())
+        ax.set(xlabel=label, ylabel="validation perplexity" + (" (log)" if max(ppls) > 2 * min(ppls) else ""),
+               title=f"perplexity vs {label}")
         ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="best")
     return _save(plt, fig, path)
 
 
