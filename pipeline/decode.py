@@ -298,7 +298,7 @@ def time_decoder(dec: StaticDecoder, prompt: torch.Tensor, warmup: int, repeats:
 def measure_decode(models: dict[str, nn.Module], prompt_ids: torch.Tensor, batch_sizes: list[int],
                    new_tokens: int, warmup: int, repeats: int, path: DecodePath = "auto", rounds: int = 2,
                    baseline: str | None = None, fallback: bool = True,
-                   check_tokens: bool = True) -> dict[str, dict[str, dict]]:
+                   check_tokens: bool = True, max_spread: float = 0.5) -> dict[str, dict[str, dict]]:
     """Decode speed of every model at every batch size, interleaved: for each batch size, ``rounds`` rounds
     that each time every model in turn (``repeats`` generations each), so slow drift of the machine hits
     every model alike; a figure is the median over the rounds of each round's median.
@@ -311,9 +311,13 @@ def measure_decode(models: dict[str, nn.Module], prompt_ids: torch.Tensor, batch
             tok/s) and ``speedup_ttft`` (baseline TTFT / model TTFT).
         fallback: a failed capture/compilation falls back to the eager path (else: the row records the error).
         check_tokens: at batch 1, compare the graph/compile path's tokens with the eager static path's.
+        max_spread: threshold of the timing flags (:func:`pipeline.timing.timing_flags`) over the rounds'
+            ms-per-token figures: ``spread`` when they span more than this fraction of their median, ``ratio``
+            when the per-round ratio to ``baseline`` does.
 
     Returns ``{name: {"b<batch>": row}}`` with the fields of :func:`time_decoder` (medians over
-    ``rounds * repeats``), ``fallback`` (why the asked path was not used, or ``None``), and per batch size 1
+    ``rounds * repeats``; min/max over all of them), ``round_ms_per_token`` (each round's median), ``flags``,
+    ``fallback`` (why the asked path was not used, or ``None``), and per batch size 1
     ``tokens_match_eager`` on the graph/compile paths (its greedy tokens equal those of the eager static path),
     or ``error`` for a measurement that failed.
     """
@@ -346,12 +350,26 @@ def measure_decode(models: dict[str, nn.Module], prompt_ids: torch.Tensor, batch
                 for k in ("ttft_ms", "ms_per_token"):
                     vals = [x[k] for x in rows if x[k] is not None]
                     row[k] = statistics.median(vals) if vals else None
+                # the slowest and fastest step over every round (rows[0]'s alone could leave the median outside them)
+                for k, pick in (("ms_per_token_min", min), ("ms_per_token_max", max)):
+                    vals = [x[k] for x in rows if x.get(k) is not None]
+                    row[k] = pick(vals) if vals else None
+                row["round_ms_per_token"] = [x["ms_per_token"] for x in rows if x["ms_per_token"] is not None]
                 ms = row["ms_per_token"]
                 row["tok_s"] = b / (ms / 1e3) if ms else None
                 row["tok_s_per_seq"] = 1e3 / ms if ms else None
                 row["repeats"] = rounds * repeats
                 out[name][f"b{b}"].update(row)
         del decs
+    from pipeline.timing import timing_flags
+
+    for name, rows in out.items():
+        for key, row in rows.items():
+            if row.get("round_ms_per_token"):
+                # untrustworthy figures say so (pipeline.timing): rounds that disagree, or a speed-up that moved
+                base = (out.get(baseline) or {}).get(key, {}).get("round_ms_per_token") if name != baseline else None
+                row["flags"] = timing_flags(row["round_ms_per_token"], base if base and len(base) == len(
+                    row["round_ms_per_token"]) else None, max_spread)
     if baseline is not None and baseline in out:
         for rows in out.values():
             for key, row in rows.items():

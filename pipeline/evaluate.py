@@ -446,7 +446,7 @@ def decode_speed(entries: list[ModelEntry], cfg: EvalConfig, tokenizer: Any) -> 
     try:
         return measure_decode(models, prompt, cfg.decode_batch_sizes, cfg.gen_tokens, warmup=1,
                               repeats=cfg.gen_repeats, path=cfg.decode_path, rounds=cfg.decode_rounds,
-                              baseline="dense")
+                              baseline="dense", max_spread=cfg.max_spread)
     finally:
         del models
         if device == "cuda":

@@ -290,8 +290,9 @@ def decode_cells(r: dict[str, Any], keys: list[str]) -> list[str]:
     if not keys:
         return []
     rows = r.get("decode") or {}
-    return [" / ".join(_f(rows.get(k, {}).get("tok_s"), 0) for k in keys),
-            " / ".join(_f(rows.get(k, {}).get("speedup_tok_s")) + "×" for k in keys)]
+    return [" / ".join(_f(rows.get(k, {}).get("tok_s"), 0) + flag_mark(rows.get(k, {}).get("flags")) for k in keys),
+            " / ".join(_f(rows.get(k, {}).get("speedup_tok_s")) + "×" + flag_mark(rows.get(k, {}).get("flags"))
+                       for k in keys)]
 
 
 def decode_table(models: dict[str, dict]) -> list[str]:
@@ -307,7 +308,7 @@ def decode_table(models: dict[str, dict]) -> list[str]:
                 note += " tokens differ from the eager path"
             rows.append([name, key[1:], _DECODE_PATHS.get(d.get("path"), str(d.get("path"))),
                          f"{d.get('prompt_len')} + {d.get('new_tokens')}", _f(d.get("ttft_ms"), 2),
-                         _f(d.get("ms_per_token"), 3), _f(d.get("tok_s"), 0),
+                         _f(d.get("ms_per_token"), 3), _f(d.get("tok_s"), 0) + flag_mark(d.get("flags")),
                          _f(d.get("speedup_tok_s")) + "× / " + _f(d.get("speedup_ttft")) + "×", note])
     if not rows:
         return ["Decoding was not measured in this run (`--decode false`)."]

@@ -94,7 +94,33 @@ def test_measure_decode_interleaved(tiny):
             assert row["ttft_ms"] > 0 and row["ms_per_token"] > 0
             assert row["tok_s"] == pytest.approx(row["batch"] * 1e3 / row["ms_per_token"])
             assert math.isfinite(row["speedup_tok_s"]) and row["speedup_tok_s"] > 0
+            # min/max span every round, so the median over the rounds lies between them; flags are computed
+            assert len(row["round_ms_per_token"]) == 2
+            assert row["ms_per_token_min"] <= row["ms_per_token"] <= row["ms_per_token_max"]
+            assert set(row["flags"]) <= {"spread", "ratio"}
     assert res["dense"]["b1"]["speedup_tok_s"] == 1.0
+    assert "ratio" not in res["dense"]["b1"]["flags"]  # dense is the baseline: no ratio to itself
+
+
+def test_measure_decode_flags_rounds_that_disagree(tiny, monkeypatch):
+    """A decode figure whose rounds disagree by more than max_spread is flagged (issue 20: a timing that is not
+    trustworthy says so), from the rounds' own medians."""
+    import pipeline.decode as dec
+
+    calls = iter([1.0, 1.0, 3.0, 1.0])  # dense, student, dense, student: the dense model's 2nd round is 3x slower
+    real = dec.time_decoder
+
+    def fake(d, prompt, warmup, repeats):
+        row = real(d, prompt, warmup, 1)
+        ms = next(calls)
+        row.update(ms_per_token=ms, ms_per_token_min=ms, ms_per_token_max=ms)
+        return row
+
+    monkeypatch.setattr(dec, "time_decoder", fake)
+    res = dec.measure_decode({"dense": tiny, "student": tiny}, _prompt(1, 6), [1], 3, warmup=1, repeats=1,
+                             rounds=2, baseline="dense", max_spread=0.5)
+    assert res["dense"]["b1"]["flags"] == ["spread"]
+    assert res["student"]["b1"]["flags"] == ["ratio"]  # steady itself, but its ratio to dense moved 3x
 
 
 @pytest.mark.gpu
