@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_pretrain import clean_env  # noqa: F401 - the fixture
 
 from pipeline.manifest import read_manifest
 from pipeline.metrics import read_metrics
