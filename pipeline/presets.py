@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "eval_interval": 100, "save_interval": 100, "log_interval": 10,
         },
         "prune": {"sparsity": 0.5},
-        # distillation at the pretraining LR: 83.04 against 86.82 at 2e-4 (results/bench/COMPRESSION.md, 2026-12-03)
+        # distillation at the pretraining LR: it won the recipe sweep of results/bench/COMPRESSION.md
         "distill": {"micro_batch_size": 16, "max_steps": 100, "lr": 6e-4, "warmup_steps": 10,
                     "eval_interval": 50, "save_interval": 50, "log_interval": 10},
         "eval": {"batch_sizes": [1, 16], "seq_lens": [1024], "repeats": 10, "gen_tokens": 64},
