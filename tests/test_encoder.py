@@ -164,6 +164,7 @@ def test_jsonl_groups_split_and_bad_records(enc_tokenizer, tmp_path):
 _DIST_CHILD = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
+    sys.path.insert(0, os.path.join({root!r}, "tests"))  # test_encoder imports the shared builders of conftest
     import torch, torch.distributed as dist
     from tests.test_encoder import tiny_classifier_and_data
     from pipeline import dist as pdist
