@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pipeline.timing import timing_flags
+
 DecodePath = Literal["auto", "graph", "compile", "eager"]
 PATHS = ("auto", "graph", "compile", "eager")
 
@@ -361,21 +363,16 @@ def measure_decode(models: dict[str, nn.Module], prompt_ids: torch.Tensor, batch
                 row["repeats"] = rounds * repeats
                 out[name][f"b{b}"].update(row)
         del decs
-    from pipeline.timing import timing_flags
-
     for name, rows in out.items():
         for key, row in rows.items():
+            base = out.get(baseline, {}).get(key, {}) if baseline is not None else {}
             if row.get("round_ms_per_token"):
                 # untrustworthy figures say so (pipeline.timing): rounds that disagree, or a speed-up that moved
-                base = (out.get(baseline) or {}).get(key, {}).get("round_ms_per_token") if name != baseline else None
-                row["flags"] = timing_flags(row["round_ms_per_token"], base if base and len(base) == len(
-                    row["round_ms_per_token"]) else None, max_spread)
-    if baseline is not None and baseline in out:
-        for rows in out.values():
-            for key, row in rows.items():
-                base = out[baseline].get(key, {})
-                if row.get("tok_s") and base.get("tok_s"):
-                    row["speedup_tok_s"] = row["tok_s"] / base["tok_s"]
-                if row.get("ttft_ms") and base.get("ttft_ms"):
-                    row["speedup_ttft"] = base["ttft_ms"] / row["ttft_ms"]
+                ref = base.get("round_ms_per_token") if name != baseline else None
+                same_rounds = ref is not None and len(ref) == len(row["round_ms_per_token"])
+                row["flags"] = timing_flags(row["round_ms_per_token"], ref if same_rounds else None, max_spread)
+            if row.get("tok_s") and base.get("tok_s"):
+                row["speedup_tok_s"] = row["tok_s"] / base["tok_s"]
+            if row.get("ttft_ms") and base.get("ttft_ms"):
+                row["speedup_ttft"] = base["ttft_ms"] / row["ttft_ms"]
     return out

@@ -183,22 +183,22 @@ def plot_quality_vs_size(models: dict[str, dict], path: Path) -> Path:
     :func:`quality_axes`) and against non-zero parameters, one labelled point per model."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.ticker import ScalarFormatter
+
     markers = "osD^vP*Xph<>"
     ppls = [r["val_ppl"] for r in models.values()]
+    log_y = max(ppls) > 2 * min(ppls)
     for ax, (key, label, scale) in zip(axes, quality_axes(models)):
         # one marker per model, named in the legend with its perplexity: text labels beside the points overlap
         # where models share a size (the student and its controls), and a far-off control squeezes the rest
         for i, (name, row) in enumerate(models.items()):
             ax.scatter(row[key] * scale, row["val_ppl"], s=50, marker=markers[i % len(markers)], alpha=0.8,
                        label=f"{name} ({row['val_ppl']:.2f})")
-        if max(ppls) > 2 * min(ppls):
-            from matplotlib.ticker import ScalarFormatter
-
+        if log_y:
             ax.set_yscale("log")
-            for axis in (ax.yaxis,):  # plain numbers on the log axis, not 1.2 × 10^2
-                axis.set_major_formatter(ScalarFormatter())
-                axis.set_minor_formatter(ScalarFormatter())
-        ax.set(xlabel=label, ylabel="validation perplexity" + (" (log)" if max(ppls) > 2 * min(ppls) else ""),
+            ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers on the log axis, not 1.2 × 10^2
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set(xlabel=label, ylabel="validation perplexity" + (" (log)" if log_y else ""),
                title=f"perplexity vs {label}")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="best")
